@@ -1,0 +1,54 @@
+"""Shared plumbing for benchmarks: arguments, the JSON row contract, and the printed table."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+ROW_KEYS = ("model", "method", "metric_name", "metric", "size_bytes", "latency_ms_p50", "speedup_vs_fp32",
+            "int8_op_fraction", "seconds")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="Small, fast settings (a few minutes on 2 cores).")
+    p.add_argument("--data-dir", type=Path, default=None, help="Folder of the real data set (see the script's doc).")
+    p.add_argument("--json", type=Path, default=None, help="Write the rows as JSON here.")
+    return p
+
+
+def finish(name: str, rows: list[dict[str, Any]], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> None:
+    """Check the row contract, print the rows as a table and write the JSON file (atomically)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeslim import io
+    from edgeslim.pipeline import machine_info
+
+    for row in rows:
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise KeyError(f"benchmark row {row.get('method')} lacks {missing}")
+    keys = list(ROW_KEYS) + [k for k in rows[0] if k not in ROW_KEYS] if rows else list(ROW_KEYS)
+    table = Table(title=name)
+    for k in keys:
+        table.add_column(k, justify="right")
+    for row in rows:
+        table.add_row(*[_fmt(row.get(k)) for k in keys])
+    Console(width=200).print(table)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    doc = {"benchmark": name, "command": command, "machine": machine_info(), "rows": rows, **(extra or {})}
+    if args.json is not None:
+        io.write_json(args.json, doc)
+        print(f"wrote {args.json}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,157 @@
+"""The edgeslim command line: a thin layer over the Python API.
+
+Errors caused by input (recipe, data, model, checkpoint, ONNX file) print one line on stderr and
+exit with code 2; nothing is left half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Make trained PyTorch models small and fast for edge devices, measured on ONNX Runtime.")
+
+
+def _print_result(result) -> None:
+    from rich.console import Console
+
+    from edgeslim.report import rich_table
+
+    console = Console()
+    console.print(rich_table(result))
+    if result.out_dir is not None:
+        console.print(f"run folder: {result.out_dir}  (metrics.json, report.md, pareto.png, */model.onnx)")
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder to write."),
+         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
+    """Train (or load the cached) small CNN on the bundled MNIST sample, then fp32 -> int8 PTQ."""
+    from edgeslim.recipe import DEMO_RECIPE, parse_recipe, run_recipe
+
+    recipe = parse_recipe({**DEMO_RECIPE, "output": str(out)})
+    _print_result(run_recipe(recipe, progress=not quiet))
+
+
+@app.command()
+def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE.yaml", help="Recipe file."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Override the recipe's output folder."),
+        quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
+    """Run a YAML recipe: baseline, then each step, measured after each."""
+    import dataclasses
+
+    from edgeslim.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(recipe_path)
+    if out is not None:
+        recipe = dataclasses.replace(recipe, output=str(out))
+    _print_result(run_recipe(recipe, progress=not quiet))
+
+
+@app.command()
+def bench(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
+          threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads."),
+          batch_size: int = typer.Option(1, "--batch-size", min=1),
+          runs: int = typer.Option(300, "--runs", min=1),
+          warmup: int = typer.Option(30, "--warmup", min=0)) -> None:
+    """Latency percentiles and peak memory of an ONNX model on ONNX Runtime."""
+    import numpy as np
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeslim.runtime import benchmark_latency, make_session, peak_memory_bytes, size_bytes
+
+    session = make_session(model, threads=threads)
+    feeds = {}
+    for inp in session.get_inputs():
+        shape = [batch_size if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(inp.shape)]
+        dtype = np.float32 if "float" in inp.type else np.int64
+        feeds[inp.name] = np.random.default_rng(0).random(shape).astype(dtype)
+    stats = benchmark_latency(model, feeds, threads=threads, warmup=warmup, runs=runs)
+    memory = peak_memory_bytes(model, {k: list(v.shape) for k, v in feeds.items()}, threads=threads)
+    table = Table(title=f"{model.name} on ONNX Runtime ({threads} thread, batch {batch_size})")
+    for col in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "runs", "size", "peak memory"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{stats.p50_ms:.3f}", f"{stats.p90_ms:.3f}", f"{stats.p99_ms:.3f}", f"{stats.mean_ms:.3f}",
+                  str(stats.runs), f"{size_bytes(model):,} B", f"{memory / 2**20:.1f} MiB")
+    Console().print(table)
+
+
+@app.command()
+def inspect(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
+            threads: int = typer.Option(1, "--threads", min=1)) -> None:
+    """Op histogram of the ORT-optimized graph and the share of compute ops on integer kernels."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeslim.runtime import inspect_optimized
+
+    report = inspect_optimized(model, threads=threads)
+    table = Table(title=f"{model.name}: ORT-optimized graph")
+    table.add_column("op type")
+    table.add_column("count", justify="right")
+    for op, n in sorted(report.op_histogram.items(), key=lambda kv: (-kv[1], kv[0])):
+        table.add_row(op, str(n))
+    console = Console()
+    console.print(table)
+    frac = "n/a" if report.int8_op_fraction is None else f"{report.int8_op_fraction:.0%}"
+    console.print(f"compute ops: {report.compute_ops}, on integer kernels: {report.int_compute_ops} ({frac})")
+    if report.fp_compute_nodes:
+        console.print("still in float: " + ", ".join(report.fp_compute_nodes))
+
+
+@app.command("list")
+def list_() -> None:
+    """Registered techniques, bundled models and data sets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgeslim.data import DATASETS
+    from edgeslim.models import list_models
+    from edgeslim.registry import list_techniques
+
+    table = Table(title="techniques (recipe: steps: - technique: NAME)")
+    for col in ("name", "config", "what it does"):
+        table.add_column(col)
+    for t in list_techniques():
+        table.add_row(t.name, t.config_type.__name__, t.summary)
+    console = Console()
+    console.print(table)
+    console.print("models: " + ", ".join(list_models()))
+    console.print("data sets: " + ", ".join(DATASETS))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning input errors into one line on stderr and exit code 2."""
+    from edgeslim.errors import EdgeslimError
+
+    try:
+        # standalone mode: typer/click print usage errors themselves and raise SystemExit(2).
+        app(args=argv, prog_name="edgeslim")
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except EdgeslimError as err:
+        print(f"edgeslim: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if os.environ.get("EDGESLIM_DEBUG"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        print(f"edgeslim: internal error: {type(err).__name__}: {first} (set EDGESLIM_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def console_main() -> None:
+    """The ``edgeslim`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -1,0 +1,255 @@
+"""Lower a float ONNX graph to a QDQ graph in the exact form ONNX Runtime fuses into integer kernels.
+
+What ORT needs (onnxruntime/core/optimizer/qdq_transformer): a compute node whose every input
+comes from a DequantizeLinear (weights: int8 initializer -> DQ; bias: int32 initializer -> DQ with
+scale = x_scale * w_scale) and whose output goes into a QuantizeLinear becomes QLinearConv /
+QGemm / QLinearMatMul. A Relu (or Clip) between the node and that Q is dropped by ORT when the
+Q's zero point sits at the bottom of the integer range, so activations after a ReLU are
+quantized asymmetrically with range [0, max]. Shape-only ops (MaxPool, Reshape, Flatten, ...)
+get Q/DQ with the *same* parameters on both sides, which lets ORT run them on int8 directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
+# Ops whose output may reuse the input's quantization parameters (values are only moved).
+SAME_SCALE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+# Ops ORT has QLinear kernels for: inputs and output quantized with their own ranges.
+QLINEAR_OPS = ("Add", "GlobalAveragePool", "AveragePool", "Concat")
+FUSABLE_ACTIVATIONS = ("Relu", "Clip")
+
+
+@dataclass
+class QuantPlan:
+    """Which tensors get Q/DQ pairs, which weights get quantized, and which ranges are borrowed."""
+
+    weighted: list[int] = field(default_factory=list)  # indices of Conv/Gemm/MatMul nodes to quantize
+    tensors: list[str] = field(default_factory=list)  # in topological order
+    same_as: dict[str, str] = field(default_factory=dict)  # output tensor -> tensor whose params it reuses
+
+    @property
+    def calibrated(self) -> list[str]:
+        """Tensors whose range must be observed (the rest borrow a range)."""
+        return [t for t in self.tensors if t not in self.same_as]
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in graph.initializer}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    return users
+
+
+def _is_float_weight(init: onnx.TensorProto | None, ndim: set[int]) -> bool:
+    return init is not None and init.data_type == onnx.TensorProto.FLOAT and len(init.dims) in ndim
+
+
+def _weight_ok(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+    if len(node.input) < 2:
+        return False
+    w = inits.get(node.input[1])
+    if node.op_type == "Conv":
+        return _is_float_weight(w, {3, 4, 5})
+    if node.op_type == "Gemm":
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            return False
+        if len(node.input) > 2 and node.input[2] and not _is_float_weight(inits.get(node.input[2]), {1}):
+            return False
+        return _is_float_weight(w, {2})
+    return node.op_type == "MatMul" and _is_float_weight(w, {2})
+
+
+def plan_quantization(model: onnx.ModelProto) -> QuantPlan:
+    """Decide the Q/DQ placement for ``model`` (BatchNorm already folded)."""
+    graph = model.graph
+    inits = _initializers(graph)
+    users = _consumers(graph)
+    plan = QuantPlan()
+    chosen: set[str] = set()
+
+    def add(name: str, same_as: str | None = None) -> None:
+        if name and name not in chosen and name not in inits:
+            chosen.add(name)
+            plan.tensors.append(name)
+            if same_as is not None:
+                plan.same_as[name] = plan.same_as.get(same_as, same_as)
+
+    for index, node in enumerate(graph.node):
+        op = node.op_type
+        if op in WEIGHTED_OPS and _weight_ok(node, inits):
+            plan.weighted.append(index)
+            add(node.input[0])
+            out = node.output[0]
+            nxt = users.get(out, [])
+            # Conv -> Relu -> Q: quantize after the activation so ORT folds the Relu away.
+            if len(nxt) == 1 and nxt[0].op_type in FUSABLE_ACTIVATIONS and out not in {o.name for o in graph.output}:
+                add(nxt[0].output[0])
+            else:
+                add(out)
+        elif op in SAME_SCALE_OPS and node.input[0] in chosen:
+            add(node.output[0], same_as=node.input[0])
+        elif op in QLINEAR_OPS:
+            for name in node.input:
+                if name not in inits:
+                    add(name)
+            add(node.output[0])
+    return plan
+
+
+def activation_params(lo: float, hi: float, dtype: str) -> tuple[float, int]:
+    """Asymmetric affine parameters ``(scale, zero_point)`` covering [min(lo,0), max(hi,0)]."""
+    qmin, qmax = (-128, 127) if dtype == "int8" else (0, 255)
+    rmin, rmax = min(lo, 0.0), max(hi, 0.0)
+    scale = (rmax - rmin) / (qmax - qmin)
+    if scale <= 1e-12:  # a constant-zero tensor: any scale represents it exactly
+        return 1.0, qmin if rmin == 0.0 else 0
+    zero_point = int(np.clip(np.round(qmin - rmin / scale), qmin, qmax))
+    return float(scale), zero_point
+
+
+def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights in [-127, 127]; per-channel along ``axis`` or per-tensor (None)."""
+    if axis is None:
+        absmax = np.array(np.abs(w).max(), dtype=np.float64)
+    else:
+        reduce = tuple(i for i in range(w.ndim) if i != axis)
+        absmax = np.abs(w).max(axis=reduce).astype(np.float64)
+    scale = (np.maximum(absmax, 1e-12) / 127.0).astype(np.float32)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def _weight_axis(node: onnx.NodeProto) -> int:
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        trans_b = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "transB"), 0)
+        return 0 if trans_b else 1  # the output-feature axis of B
+    return 1  # MatMul: B is (K, N)
+
+
+def lower_qdq(
+    model: onnx.ModelProto,
+    plan: QuantPlan,
+    ranges: dict[str, tuple[float, float]],
+    *,
+    activation_dtype: str = "int8",
+    per_channel: bool = True,
+) -> onnx.ModelProto:
+    """Return a QDQ copy of ``model``: int8 weights + DQ, int32 biases + DQ, Q/DQ pairs on ``plan.tensors``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    inits = _initializers(graph)
+    zp_type = onnx.TensorProto.INT8 if activation_dtype == "int8" else onnx.TensorProto.UINT8
+    zp_np = np.int8 if activation_dtype == "int8" else np.uint8
+    params: dict[str, tuple[float, int]] = {}
+    for name in plan.tensors:
+        source = plan.same_as.get(name, name)
+        if source not in ranges:
+            raise KeyError(f"no calibrated range for tensor {source!r}")
+        params[name] = activation_params(*ranges[source], activation_dtype)
+
+    new_inits: list[onnx.TensorProto] = []
+    new_nodes: dict[str, list[onnx.NodeProto]] = {}  # producer output -> nodes inserted after it
+    head_nodes: list[onnx.NodeProto] = []
+    removed: set[str] = set()
+
+    def const(name: str, value: np.ndarray) -> str:
+        new_inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    # 1. Weights and biases -> integer initializers behind DequantizeLinear.
+    for index in plan.weighted:
+        node = graph.node[index]
+        w_name = node.input[1]
+        w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
+        axis = _weight_axis(node) if per_channel else None
+        qw, w_scale = quantize_weight(w, axis)
+        tag = f"{node.name or w_name}"
+        dq_inputs = [const(f"{tag}.w_q", qw), const(f"{tag}.w_scale", w_scale),
+                     const(f"{tag}.w_zp", np.zeros_like(w_scale, dtype=np.int8))]
+        dq_attrs = {"axis": axis} if axis is not None else {}
+        dq = helper.make_node("DequantizeLinear", dq_inputs, [f"{tag}.w_dq"], name=f"{tag}.w_DQ", **dq_attrs)
+        head_nodes.append(dq)
+        node.input[1] = dq.output[0]
+        removed.add(w_name)
+        if len(node.input) > 2 and node.input[2]:
+            b_name = node.input[2]
+            x_scale = params[node.input[0]][0]
+            b = numpy_helper.to_array(inits[b_name]).astype(np.float64)
+            b_scale = (np.float64(x_scale) * w_scale.astype(np.float64)).astype(np.float32)
+            b_scale = np.broadcast_to(b_scale, b.shape).copy() if b_scale.ndim else b_scale
+            qb = np.clip(np.round(b / b_scale), -(2**31), 2**31 - 1).astype(np.int32)
+            battrs = {"axis": 0} if b_scale.ndim else {}
+            bdq = helper.make_node(
+                "DequantizeLinear",
+                [const(f"{tag}.b_q", qb), const(f"{tag}.b_scale", b_scale),
+                 const(f"{tag}.b_zp", np.zeros(b_scale.shape, dtype=np.int32))],
+                [f"{tag}.b_dq"], name=f"{tag}.b_DQ", **battrs,
+            )
+            head_nodes.append(bdq)
+            node.input[2] = bdq.output[0]
+            removed.add(b_name)
+
+    # 2. Activations: rename the producer's output to NAME.f, then NAME.f -> Q -> DQ -> NAME, so
+    #    every consumer (and a graph output of that name) reads the dequantized tensor unchanged.
+    graph_inputs = {i.name for i in graph.input}
+    producers = {o: n for n in graph.node for o in n.output}
+    rename_in: dict[str, str] = {}
+    for name in plan.tensors:
+        scale, zp = params[name]
+        s = const(f"{name}.scale", np.array(scale, dtype=np.float32))
+        z = const(f"{name}.zp", np.array(zp, dtype=zp_np))
+        if name in graph_inputs:
+            src, dst = name, f"{name}.dq"
+            rename_in[name] = dst
+        else:
+            src, dst = f"{name}.f", name
+            producer = producers[name]
+            producer.output[list(producer.output).index(name)] = src
+        q = helper.make_node("QuantizeLinear", [src, s, z], [f"{name}.q"], name=f"{name}.Q")
+        dq = helper.make_node("DequantizeLinear", [f"{name}.q", s, z], [dst], name=f"{name}.DQ")
+        new_nodes.setdefault(src, []).extend([q, dq])
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename_in:
+                node.input[i] = rename_in[name]
+
+    # Rebuild the node list in topological order: inserted Q/DQ right after their producer.
+    ordered: list[onnx.NodeProto] = list(head_nodes)
+    for name in graph_inputs:
+        ordered.extend(new_nodes.get(name, []))
+    for node in graph.node:
+        ordered.append(node)
+        for o in node.output:
+            ordered.extend(new_nodes.get(o, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    kept = [init for init in graph.initializer if init.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    used = {name for node in graph.node for name in node.input}
+    _drop_unused_initializers(graph, used)
+    return out
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto, used: set[str]) -> None:
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)

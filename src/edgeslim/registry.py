@@ -1,0 +1,69 @@
+"""The one registry of techniques: a name and a config type for each transform function.
+
+A technique is ``fn(model: ModelArtifact, config, task) -> ModelArtifact``; recipes name it by
+string, the Python API by its config type (``compress(model, [PTQInt8Config()])``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from edgeslim.config import TechniqueConfig
+from edgeslim.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    config_type: type[TechniqueConfig]
+    fn: Callable
+    summary: str
+
+
+_BY_NAME: dict[str, Technique] = {}
+_BY_CONFIG: dict[type, Technique] = {}
+
+
+def register(name: str, config_type: type[TechniqueConfig]) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as technique ``name`` driven by ``config_type``."""
+
+    def wrap(fn: Callable) -> Callable:
+        if name in _BY_NAME:
+            raise ValueError(f"technique {name!r} is registered twice")
+        summary = (fn.__doc__ or config_type.__doc__ or "").strip().splitlines()[0] if (fn.__doc__ or config_type.__doc__) else ""
+        tech = Technique(name, config_type, fn, summary)
+        config_type.technique = name
+        _BY_NAME[name] = tech
+        _BY_CONFIG[config_type] = tech
+        return fn
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    # Importing the technique packages runs their @register decorators.
+    import edgeslim.quantize  # noqa: F401
+
+
+def get(name: str) -> Technique:
+    """The technique registered as ``name``; ConfigError listing the known names otherwise."""
+    _load_builtin()
+    if name not in _BY_NAME:
+        raise ConfigError(f"unknown technique {name!r} (known: {', '.join(sorted(_BY_NAME))})")
+    return _BY_NAME[name]
+
+
+def for_config(config: TechniqueConfig) -> Technique:
+    """The technique that ``config``'s type drives."""
+    _load_builtin()
+    tech = _BY_CONFIG.get(type(config))
+    if tech is None:
+        raise ConfigError(f"{type(config).__name__} is not a registered technique config")
+    return tech
+
+
+def list_techniques() -> list[Technique]:
+    """All registered techniques, sorted by name."""
+    _load_builtin()
+    return [_BY_NAME[k] for k in sorted(_BY_NAME)]

@@ -1,0 +1,84 @@
+"""Tables of a run: one row per stage, with gains relative to the baseline."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = [
+    # (header, key, format)
+    ("stage", "name", "{}"),
+    ("{metric}", "metric", "{:.4f}"),
+    ("Δ", "metric_delta", "{:+.4f}"),
+    ("size", "size_bytes", "_bytes"),
+    ("×smaller", "size_ratio_vs_baseline", "{:.2f}×"),
+    ("params", "params", "{:,}"),
+    ("MACs", "macs", "_count"),
+    ("p50 ms", "latency_ms_p50", "{:.3f}"),
+    ("p90 ms", "latency_ms_p90", "{:.3f}"),
+    ("p99 ms", "latency_ms_p99", "{:.3f}"),
+    ("×faster", "speedup_vs_baseline", "{:.2f}×"),
+    ("int8 ops", "int8_op_fraction", "{:.0%}"),
+    ("peak mem", "peak_memory_bytes", "_bytes"),
+    ("step s", "step_seconds", "{:.1f}"),
+]
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None:
+        return "–"
+    if spec == "_bytes":
+        for unit in ("B", "KB", "MB", "GB"):
+            if abs(value) < 1024 or unit == "GB":
+                return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+            value /= 1024
+    if spec == "_count":
+        for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if value >= div:
+                return f"{value / div:.1f}{unit}"
+        return str(value)
+    return spec.format(value)
+
+
+def _rows(result) -> tuple[list[str], list[list[str]]]:
+    headers = [h.format(metric=result.metric_name) for h, _, _ in COLUMNS]
+    rows = []
+    for s in result.stages:
+        data = {"name": s.name, **s.metrics}
+        rows.append([_fmt(data.get(key), spec) for _, key, spec in COLUMNS])
+    return headers, rows
+
+
+def markdown_table(result) -> str:
+    """The run's ``report.md``: a table with one row per stage and the measuring conditions."""
+    headers, rows = _rows(result)
+    lines = ["# edgeslim run", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    rt, mc = result.runtime, result.machine
+    lines += [
+        "",
+        f"Baseline: `{result.baseline}`. ×smaller and ×faster are relative to it; latency is ONNX Runtime "
+        f"{rt.get('onnxruntime')} on {rt.get('provider')}, {rt.get('threads')} intra-op thread(s), batch "
+        f"{rt.get('batch_size')}, {rt.get('runs')} timed runs after {rt.get('warmup')} warm-up, all stages "
+        f"interleaved in one process. int8 ops: share of compute ops (Conv/MatMul/Gemm families) that run as "
+        f"integer kernels in the ORT-optimized graph. Machine: {mc.get('cpu')} ({mc.get('cpu_count')} cores).",
+        "",
+    ]
+    for s in result.stages:
+        fp = s.metrics.get("fp_compute_nodes") or []
+        if s.technique and fp:
+            lines.append(f"- `{s.name}`: compute nodes still in float: {', '.join(fp[:10])}"
+                         + (" …" if len(fp) > 10 else ""))
+    return "\n".join(lines) + "\n"
+
+
+def rich_table(result):
+    """The same table for the terminal."""
+    from rich.table import Table
+
+    headers, rows = _rows(result)
+    table = Table(title=f"edgeslim — {result.metric_name}, latency on ONNX Runtime ({result.runtime.get('threads')} thread)")
+    for i, h in enumerate(headers):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for r in rows:
+        table.add_row(*r)
+    return table

@@ -1,0 +1,33 @@
+"""ONNX export, ONNX Runtime sessions, benchmarks and graph statistics.
+
+This subpackage imports ``torch`` only inside :func:`export_onnx`, so benchmarking and inspecting
+existing ONNX files stays light.
+"""
+
+from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_latency, peak_memory_bytes
+from edgeslim.runtime.export import export_onnx, validate_outputs
+from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
+from edgeslim.runtime.ort import input_feed, make_session, predict, run
+from edgeslim.runtime.stats import count_macs, count_params, op_histogram, size_bytes
+
+__all__ = [
+    "COMPUTE_OPS",
+    "INT8_OPS",
+    "GraphReport",
+    "LatencyStats",
+    "benchmark_latency",
+    "compare_latency",
+    "count_macs",
+    "count_params",
+    "export_onnx",
+    "input_feed",
+    "inspect_optimized",
+    "make_session",
+    "op_histogram",
+    "peak_memory_bytes",
+    "predict",
+    "report_graph",
+    "run",
+    "size_bytes",
+    "validate_outputs",
+]

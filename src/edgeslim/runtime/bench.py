@@ -1,0 +1,218 @@
+"""Latency and peak-memory measurements on ONNX Runtime (CPU).
+
+Latency: per-call wall time with ``time.perf_counter`` after warm-up, summarised by
+percentiles (tails matter on edge devices). Memory: measured in a fresh subprocess so the
+caller's heap (torch, data sets, other sessions) does not pollute the number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from edgeslim.errors import RuntimeToolError
+from edgeslim.runtime.ort import first_line, input_feed, make_session
+
+__all__ = ["LatencyStats", "benchmark_latency", "compare_latency", "peak_memory_bytes"]
+
+_MEMORY_TIMEOUT_S = 120
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency percentiles in milliseconds of ``runs`` timed calls at a fixed batch and thread count."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    runs: int
+    warmup: int
+    batch_size: int
+    threads: int
+
+    def to_dict(self) -> dict:
+        """Flat dict with the key names used in reports and JSON results."""
+        return {
+            "latency_ms_p50": self.p50_ms,
+            "latency_ms_p90": self.p90_ms,
+            "latency_ms_p99": self.p99_ms,
+            "latency_ms_mean": self.mean_ms,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+        }
+
+
+def _stats(samples_s: list[float], *, warmup: int, batch_size: int, threads: int) -> LatencyStats:
+    ms = np.asarray(samples_s, dtype=np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return LatencyStats(float(p50), float(p90), float(p99), float(ms.mean()), len(ms), warmup, batch_size, threads)
+
+
+def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(feed.values()))
+    return int(first.shape[0]) if first.ndim > 0 else 1
+
+
+def _check_counts(warmup: int, runs: int) -> None:
+    if warmup < 0 or runs < 1:
+        raise RuntimeToolError(f"need warmup >= 0 and runs >= 1, got warmup={warmup} runs={runs}")
+
+
+def _timed(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    start = time.perf_counter()
+    session.run(None, feed)
+    return time.perf_counter() - start
+
+
+def _warm(session: ort.InferenceSession, feed: dict[str, np.ndarray], warmup: int, label: str) -> None:
+    # The first run also surfaces shape/type errors; report them once as a one-liner.
+    try:
+        for _ in range(max(warmup, 1)):
+            session.run(None, feed)
+    except Exception as exc:
+        raise RuntimeToolError(f"ONNX Runtime failed to run {label}: {first_line(exc)}") from exc
+
+
+def benchmark_latency(
+    model: onnx.ModelProto | str | Path,
+    inputs: np.ndarray | dict[str, np.ndarray],
+    *,
+    threads: int = 1,
+    warmup: int = 20,
+    runs: int = 200,
+    min_seconds: float = 0.0,
+) -> LatencyStats:
+    """Time ``runs`` session calls (and at least ``min_seconds`` in total) after ``warmup`` calls."""
+    _check_counts(warmup, runs)
+    session = make_session(model, threads=threads)
+    feed = input_feed(session, inputs)
+    _warm(session, feed, warmup, str(model) if not isinstance(model, onnx.ModelProto) else "the model")
+    samples: list[float] = []
+    deadline = time.perf_counter() + min_seconds
+    while len(samples) < runs or time.perf_counter() < deadline:
+        samples.append(_timed(session, feed))
+    return _stats(samples, warmup=warmup, batch_size=_batch_size(feed), threads=threads)
+
+
+def compare_latency(
+    models: Mapping[str, onnx.ModelProto | str | Path],
+    inputs: np.ndarray | dict[str, np.ndarray],
+    *,
+    threads: int = 1,
+    warmup: int = 20,
+    runs: int = 200,
+    rounds: int = 5,
+) -> dict[str, LatencyStats]:
+    """Benchmark several models fairly: same inputs, interleaved rounds, pooled samples.
+
+    Measuring model A then model B lets machine drift (thermal throttling, neighbours, turbo)
+    masquerade as a speed difference; interleaving ``rounds`` blocks of ``runs // rounds`` calls
+    spreads that drift evenly over all models.
+    """
+    _check_counts(warmup, runs)
+    if not models:
+        raise RuntimeToolError("compare_latency needs at least one model")
+    rounds = max(1, min(int(rounds), runs))
+    per_round = max(1, runs // rounds)
+    sessions = {name: make_session(m, threads=threads) for name, m in models.items()}
+    feeds = {name: input_feed(s, inputs) for name, s in sessions.items()}
+    for name, s in sessions.items():
+        _warm(s, feeds[name], warmup, repr(name))
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, s in sessions.items():
+            feed = feeds[name]
+            samples[name].extend(_timed(s, feed) for _ in range(per_round))
+    return {
+        name: _stats(samples[name], warmup=warmup, batch_size=_batch_size(feeds[name]), threads=threads)
+        for name in sessions
+    }
+
+
+# Runs in a fresh interpreter: only onnxruntime + numpy, so the baseline is small and stable.
+_MEMORY_SCRIPT = r"""
+import json, os, resource, sys
+import numpy as np
+import onnxruntime as ort
+
+path, shapes, threads = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+types = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+         "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
+         "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+with open("/proc/self/statm") as fh:
+    baseline = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+try:  # "5" resets VmHWM (Linux >= 4.0) so transient import peaks are not counted
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+except OSError:
+    pass
+opts = ort.SessionOptions()
+opts.intra_op_num_threads = threads
+opts.inter_op_num_threads = 1
+opts.log_severity_level = 3
+sess = ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+rng = np.random.default_rng(0)
+feed = {}
+for i in sess.get_inputs():
+    shape = shapes.get(i.name) or [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+    dtype = types.get(i.type, np.float32)
+    if np.issubdtype(dtype, np.floating):
+        feed[i.name] = rng.standard_normal(shape).astype(dtype)
+    else:
+        feed[i.name] = np.zeros(shape, dtype=dtype)
+sess.run(None, feed)
+# Quirk: Linux carries ru_maxrss across fork+exec, so a child of a big (torch-laden) parent
+# reports the parent's peak. VmHWM is the high-water mark of this process image only.
+peak = None
+with open("/proc/self/status") as fh:
+    for line in fh:
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
+if peak is None:  # kernels without VmHWM: fall back to ru_maxrss (KiB on Linux)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak": peak - baseline}))
+"""
+
+
+def peak_memory_bytes(
+    model_path: str | Path,
+    input_shapes: dict[str, list[int]] | None = None,
+    *,
+    threads: int = 1,
+) -> int:
+    """Peak resident memory (bytes) added by loading ``model_path`` and running it once.
+
+    Measured in a subprocess as ``peak RSS (VmHWM) - RSS after importing onnxruntime``; dynamic input
+    dims become 1 unless ``input_shapes`` gives them. Linux only (reads /proc).
+    """
+    path = Path(model_path)
+    if not path.is_file():
+        raise RuntimeToolError(f"ONNX file not found: {path}")
+    if not Path("/proc/self/statm").exists():
+        raise RuntimeToolError("peak_memory_bytes needs Linux /proc (not available on this system)")
+    cmd = [sys.executable, "-c", _MEMORY_SCRIPT, str(path.resolve()), json.dumps(input_shapes or {}), str(threads)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_MEMORY_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeToolError(f"memory measurement of {path} timed out after {_MEMORY_TIMEOUT_S} s") from exc
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise RuntimeToolError(f"memory measurement of {path} failed: {lines[-1] if lines else proc.returncode}")
+    try:
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak"])
+    except (ValueError, KeyError, IndexError) as exc:
+        raise RuntimeToolError(f"memory measurement of {path} printed no result: {proc.stdout[-200:]!r}") from exc

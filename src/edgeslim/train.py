@@ -1,0 +1,265 @@
+"""Deterministic training, accuracy evaluation and safe checkpoint I/O.
+
+Training uses AdamW with a one-cycle schedule: it reaches good accuracy on the small benchmark
+sets in 2-3 epochs without per-model learning-rate tuning, which SGD+momentum needs.
+Checkpoints are written as safetensors and never unpickled arbitrarily on load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+
+from edgeslim.errors import CheckpointError, DataError
+
+ArrayLike = np.ndarray | torch.Tensor
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+# ------------------------------------------------------------------------------------- batching
+def _as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if y is None:
+        raise DataError("labels y are required when x is an array (pass a DataLoader to omit y)")
+    xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
+    yt = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().reshape(-1)
+    if xt.shape[0] != yt.shape[0]:
+        raise DataError(f"x has {xt.shape[0]} samples but y has {yt.shape[0]} labels")
+    if xt.shape[0] == 0:
+        raise DataError("x is empty (0 samples)")
+    return xt, yt
+
+
+def _batches(
+    x: ArrayLike | DataLoader, y: ArrayLike | None, batch_size: int, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (x, y) batches; shuffled with ``generator`` when one is given."""
+    if isinstance(x, DataLoader):
+        for xb, yb in x:
+            yield xb.float(), yb.long()
+        return
+    xt, yt = _as_tensors(x, y)
+    n = xt.shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        idx = order[start : start + batch_size]
+        yield xt[idx], yt[idx]
+
+
+def _num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
+    if isinstance(x, DataLoader):
+        try:
+            return len(x)
+        except TypeError:  # iterable-style loader without a length
+            return None
+    return math.ceil(len(x) / batch_size)
+
+
+def _random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random (dy, dx) in [-k, k], filling with zeros."""
+    b, _, h, w = xb.shape
+    padded = nn.functional.pad(xb, (k, k, k, k))  # (B, C, H+2k, W+2k)
+    off = torch.randint(0, 2 * k + 1, (2, b), generator=generator)
+    rows = off[0][:, None] + torch.arange(h)  # (B, H)
+    cols = off[1][:, None] + torch.arange(w)  # (B, W)
+    bidx = torch.arange(b)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+# ------------------------------------------------------------------------------------- training
+def train(
+    model: nn.Module,
+    x: ArrayLike | DataLoader,
+    y: ArrayLike | None = None,
+    *,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = True,
+    augment_shift: int = 0,
+) -> nn.Module:
+    """Train ``model`` with cross-entropy, AdamW and a one-cycle LR; returns it in eval mode.
+
+    Same model, data and seed give bit-identical weights (on the same machine and thread count).
+    """
+    if epochs < 1 or batch_size < 1 or lr <= 0 or augment_shift < 0:
+        raise DataError(
+            f"train: need epochs >= 1, batch_size >= 1, lr > 0, augment_shift >= 0; got "
+            f"epochs={epochs}, batch_size={batch_size}, lr={lr}, augment_shift={augment_shift}"
+        )
+    if not isinstance(x, DataLoader):
+        _as_tensors(x, y)  # validate once, before any work
+    torch.manual_seed(seed)  # dropout and any other layer-level randomness
+    gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
+    steps_per_epoch = _num_batches(x, batch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise DataError(f"train: {type(model).__name__} has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = None
+    if steps_per_epoch:
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+        )
+    loss_fn = nn.CrossEntropyLoss()
+    console = Console(stderr=True, quiet=not progress)
+
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=not progress,
+    ) as bar:
+        task = bar.add_task("training", total=steps_per_epoch)
+        for epoch in range(1, epochs + 1):
+            model.train()
+            bar.reset(task, total=steps_per_epoch)
+            seen, correct, loss_sum = 0, 0, 0.0
+            for xb, yb in _batches(x, y, batch_size, gen):
+                if augment_shift:
+                    xb = _random_shift(xb, augment_shift, gen)
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None and sched.last_epoch < sched.total_steps:
+                    sched.step()
+                seen += yb.shape[0]
+                correct += int((logits.argmax(1) == yb).sum())
+                loss_sum += loss.item() * yb.shape[0]
+                bar.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {loss_sum / seen:.4f}")
+            if seen == 0:
+                raise DataError("train: the data yielded no batches")
+            console.print(
+                f"epoch {epoch}/{epochs}  loss {loss_sum / seen:.4f}  train acc {correct / seen:.2%}"
+            )
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module, x: ArrayLike | DataLoader, y: ArrayLike | None = None, batch_size: int = 256
+) -> float:
+    """Top-1 accuracy in [0, 1]; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    seen = correct = 0
+    try:
+        for xb, yb in _batches(x, y, batch_size, None):
+            correct += int((model(xb).argmax(1) == yb).sum())
+            seen += yb.shape[0]
+    finally:
+        model.train(was_training)
+    if seen == 0:
+        raise DataError("evaluate_accuracy: no samples to evaluate")
+    return correct / seen
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Write the state dict atomically: safetensors, or a plain ``torch.save`` for .pt/.pth/.bin."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix != ".safetensors" and suffix not in _TORCH_SUFFIXES:
+        raise CheckpointError(f"{path}: checkpoint must end in .safetensors, .pt, .pth or .bin")
+    # clone: safetensors refuses tensors that share storage (tied weights, views)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if suffix == ".safetensors":
+            save_file(state, tmp)
+        else:
+            torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_state(path: Path) -> Mapping[str, object]:
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if suffix not in _TORCH_SUFFIXES:
+        raise CheckpointError(f"{path}: unsupported checkpoint type; use .safetensors, .pt, .pth or .bin")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path} is not a plain state dict; refusing to unpickle arbitrary objects "
+            "(weights_only=True) — save model.state_dict() or use safetensors"
+        ) from None
+    except Exception as exc:  # corrupt zip, truncated file, ...
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {exc})") from None
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    return obj
+
+
+def _shape(t: object) -> tuple[int, ...]:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else ()
+
+
+def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load weights into ``model`` after checking every key and shape; returns the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    state = dict(_read_state(path))
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    expected = model.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing:
+        k = missing[0]
+        raise CheckpointError(
+            f"{path}: missing key {k!r} (model shape {_shape(expected[k])}, checkpoint shape: absent)"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    if unexpected:
+        k = unexpected[0]
+        raise CheckpointError(
+            f"{path}: unexpected key {k!r} (checkpoint shape {_shape(state[k])}, model shape: absent)"
+            + (f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "")
+        )
+    for key, ref in expected.items():
+        if _shape(ref) != _shape(state[key]):
+            raise CheckpointError(
+                f"{path}: shape mismatch for {key!r}: checkpoint {_shape(state[key])}, model {_shape(ref)}"
+            )
+    model.load_state_dict(state, strict=True)
+    return model
+

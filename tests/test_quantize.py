@@ -1,0 +1,160 @@
+"""int8 PTQ lowering: the graph ORT builds from it runs on integer kernels and stays accurate."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeslim.errors import ConfigError, DataError
+from edgeslim.quantize import PTQInt8Config, check_integer_parity, fold_batchnorm, quantize_static
+from edgeslim.quantize.calibrate import collect_ranges
+from edgeslim.quantize.lower import activation_params, plan_quantization, quantize_weight
+from edgeslim.runtime import export_onnx, inspect_optimized
+
+
+def run(model: onnx.ModelProto, x: np.ndarray, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    return float(20 * np.log10(np.linalg.norm(ref) / np.linalg.norm(ref - got)))
+
+
+@pytest.fixture
+def quantized(cnn, images):
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    q = quantize_static(fp32, [images[:32], images[32:]], PTQInt8Config(progress=False))
+    return fp32, q
+
+
+def test_optimized_graph_runs_integer_kernels(quantized, tmp_path):
+    _, q = quantized
+    report = inspect_optimized(q)
+    assert report.int8_op_fraction == 1.0
+    assert report.op_histogram.get("QLinearConv", 0) + report.op_histogram.get("com.microsoft:QLinearConv", 0) == 2
+    assert any("QGemm" in op for op in report.op_histogram)
+    assert report.fp_compute_nodes == []
+
+
+def test_weights_are_int8_per_channel_and_bias_int32(quantized):
+    _, q = quantized
+    inits = {i.name: i for i in q.graph.initializer}
+    assert not any(n.op_type == "BatchNormalization" for n in q.graph.node)
+    dq_weights = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(".w_DQ")]
+    assert len(dq_weights) == 3
+    for node in dq_weights:
+        assert inits[node.input[0]].data_type == TensorProto.INT8
+        assert list(inits[node.input[1]].dims) in ([8], [16], [10])  # one scale per output channel
+    biases = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.name.endswith(".b_DQ")]
+    assert len(biases) == 3 and all(inits[n.input[0]].data_type == TensorProto.INT32 for n in biases)
+    # no float weight tensors remain
+    assert all(i.data_type != TensorProto.FLOAT or len(i.dims) <= 1 for i in q.graph.initializer)
+
+
+def test_quantized_outputs_track_float(quantized, cnn, images):
+    fp32, q = quantized
+    x = images[:16]
+    ref = cnn(torch.from_numpy(x)).detach().numpy()
+    got = run(q, x)
+    assert sqnr_db(ref, got) > 25.0
+    assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.9
+
+
+def test_integer_kernels_match_qdq_simulation(quantized, images):
+    _, q = quantized
+    sim = run(q, images[:8], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    fused = run(q, images[:8])
+    span = sim.max() - sim.min()
+    assert np.abs(sim - fused).max() <= 4 * span / 255
+    assert check_integer_parity(q, images[:8]) >= 0.0
+
+
+def test_uint8_activations_also_fuse(cnn, images):
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    q = quantize_static(fp32, [images], PTQInt8Config(activation_dtype="uint8", progress=False))
+    assert inspect_optimized(q).int8_op_fraction == 1.0
+    zps = [i for i in q.graph.initializer if i.name.endswith(".zp")]
+    assert zps and all(i.data_type == TensorProto.UINT8 for i in zps)
+
+
+def test_relu_outputs_get_zero_point_at_range_bottom():
+    assert activation_params(0.0, 6.0, "int8") == (pytest.approx(6.0 / 255), -128)
+    assert activation_params(0.0, 6.0, "uint8") == (pytest.approx(6.0 / 255), 0)
+    scale, zp = activation_params(-1.0, 3.0, "int8")
+    assert -128 < zp < 127 and scale == pytest.approx(4.0 / 255)
+    # zero is exactly representable
+    assert (0 - zp) * scale == 0.0 or abs(round(-zp) * scale + zp * scale) < 1e-9
+
+
+def test_weight_rounding_error_is_at_most_half_a_step():
+    w = np.random.default_rng(1).normal(size=(6, 3, 3, 3)).astype(np.float32)
+    q, scale = quantize_weight(w, axis=0)
+    assert q.dtype == np.int8 and np.abs(q).max() == 127
+    err = np.abs(w - q * scale.reshape(-1, 1, 1, 1))
+    assert np.all(err <= scale.reshape(-1, 1, 1, 1) / 2 + 1e-7)
+
+
+def _conv_bn_graph() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(size=(4, 2, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "B"),
+        numpy_helper.from_array(rng.uniform(0.5, 1.5, 4).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "beta"),
+        numpy_helper.from_array(rng.normal(size=4).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.5, 2, 4).astype(np.float32), "var"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "g", "beta", "mean", "var"], ["y"], epsilon=1e-3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 5, 5])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_fold_batchnorm_keeps_outputs():
+    model = _conv_bn_graph()
+    folded = fold_batchnorm(model)
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    x = np.random.default_rng(2).normal(size=(1, 2, 5, 5)).astype(np.float32)
+    np.testing.assert_allclose(run(folded, x), run(model, x), atol=1e-5)
+
+
+def test_collect_ranges_sees_exact_min_max():
+    node = helper.make_node("Relu", ["x"], ["y"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    a = np.array([[-2.0, 0.5, 1.0]], np.float32)
+    b = np.array([[3.0, -1.0, 0.25]], np.float32)
+    ranges = collect_ranges(model, ["x", "y"], [a, b], progress=False)
+    assert ranges == {"x": (-2.0, 3.0), "y": (0.0, 3.0)}
+    with pytest.raises(DataError, match="calibration set is empty"):
+        collect_ranges(model, ["x"], [], progress=False)
+
+
+def test_plan_quantizes_after_relu_and_shares_maxpool_scale(cnn, images):
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    plan = plan_quantization(fold_batchnorm(fp32))
+    producers = {o: n.op_type for n in fp32.graph.node for o in n.output}
+    kinds = [producers.get(t, "input") for t in plan.tensors]
+    assert "Conv" not in kinds  # conv outputs are quantized after their ReLU
+    assert kinds.count("Relu") == 2
+    pooled = [t for t in plan.tensors if producers.get(t) == "MaxPool"]
+    assert pooled and all(producers[plan.same_as[t]] == "Relu" for t in pooled)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="calibration_samples"):
+        PTQInt8Config(calibration_samples=0)
+    with pytest.raises(ConfigError, match="activation_dtype"):
+        PTQInt8Config.from_dict({"activation_dtype": "int4"}, "steps[0]")
+    cfg = PTQInt8Config(activation_dtype="uint8")
+    d = cfg.to_dict()
+    assert d["technique"] == "ptq_int8"
+    d.pop("technique")
+    assert PTQInt8Config.from_dict(d) == cfg
