@@ -23,6 +23,8 @@ def _print_result(result) -> None:
     from edgeslim.report import rich_table
 
     console = Console()
+    if not console.is_terminal:  # pipes and CI: do not squeeze the table into 80 columns
+        console = Console(width=130)
     console.print(rich_table(result))
     if result.out_dir is not None:
         console.print(f"run folder: {result.out_dir}  (metrics.json, report.md, pareto.png, */model.onnx)")

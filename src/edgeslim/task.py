@@ -22,7 +22,7 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     outputs, targets = torch.as_tensor(outputs), torch.as_tensor(targets)
     if len(targets) == 0:
         raise DataError("evaluation set is empty")
-    return float((outputs.argmax(dim=-1) == targets).float().mean())
+    return float((outputs.argmax(dim=-1) == targets).double().mean())
 
 
 METRICS: dict[str, Metric] = {"accuracy": accuracy}

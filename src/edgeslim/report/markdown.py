@@ -39,12 +39,18 @@ def _fmt(value: Any, spec: str) -> str:
     return spec.format(value)
 
 
-def _rows(result) -> tuple[list[str], list[list[str]]]:
-    headers = [h.format(metric=result.metric_name) for h, _, _ in COLUMNS]
+# The terminal shows the columns a reader compares first; report.md has them all.
+TERMINAL_KEYS = ("name", "metric", "metric_delta", "size_bytes", "size_ratio_vs_baseline", "latency_ms_p50",
+                 "latency_ms_p99", "speedup_vs_baseline", "int8_op_fraction", "peak_memory_bytes")
+
+
+def _rows(result, keys: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
+    columns = [c for c in COLUMNS if keys is None or c[1] in keys]
+    headers = [h.format(metric=result.metric_name) for h, _, _ in columns]
     rows = []
     for s in result.stages:
         data = {"name": s.name, **s.metrics}
-        rows.append([_fmt(data.get(key), spec) for _, key, spec in COLUMNS])
+        rows.append([_fmt(data.get(key), spec) for _, key, spec in columns])
     return headers, rows
 
 
@@ -75,7 +81,7 @@ def rich_table(result):
     """The same table for the terminal."""
     from rich.table import Table
 
-    headers, rows = _rows(result)
+    headers, rows = _rows(result, TERMINAL_KEYS)
     table = Table(title=f"edgeslim — {result.metric_name}, latency on ONNX Runtime ({result.runtime.get('threads')} thread)")
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i == 0 else "right")
