@@ -196,9 +196,7 @@ def _static_measures(path: Path, graph: onnx.ModelProto, task: Task) -> dict[str
 def _measure_latency(stages: list[Stage], task: Task, runtime: RuntimeConfig) -> None:
     from edgeslim.runtime import compare_latency, peak_memory_bytes
 
-    x = task.example_inputs[0].detach().cpu().numpy().astype(np.float32)
-    reps = int(np.ceil(runtime.batch_size / len(x)))
-    x = np.concatenate([x] * reps)[: runtime.batch_size]
+    x = tuple(_repeat(t.detach().cpu().numpy(), runtime.batch_size) for t in task.example_inputs)
     console.print(f"measuring latency of {len(stages)} stages side by side "
                   f"({runtime.runs} runs each, batch {runtime.batch_size}, {runtime.threads} thread(s))")
     stats = compare_latency({s.name: s.onnx_path for s in stages}, x, threads=runtime.threads,
@@ -208,10 +206,18 @@ def _measure_latency(stages: list[Stage], task: Task, runtime: RuntimeConfig) ->
         s.metrics.update({k: d[k] for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean")})
         s.metrics["batch_size"] = runtime.batch_size
         if runtime.measure_memory:
-            shapes = {onnx.load(s.onnx_path, load_external_data=False).graph.input[0].name: list(x.shape)}
+            names = [i.name for i in onnx.load(s.onnx_path, load_external_data=False).graph.input]
+            shapes = {name: list(a.shape) for name, a in zip(names, x)}
             s.metrics["peak_memory_bytes"] = peak_memory_bytes(s.onnx_path, shapes, threads=runtime.threads)
         else:
             s.metrics["peak_memory_bytes"] = None
+
+
+def _repeat(a: np.ndarray, batch_size: int) -> np.ndarray:
+    """``a`` tiled along the batch axis to ``batch_size`` rows (float64 inputs become float32)."""
+    a = a.astype(np.float32) if a.dtype == np.float64 else a
+    reps = int(np.ceil(batch_size / len(a)))
+    return np.concatenate([a] * reps)[:batch_size]
 
 
 def _relative(stages: list[Stage], metric_name: str) -> None:

@@ -34,37 +34,65 @@ def _to_numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def iter_batches(data: Data, batch_size: int = 256, limit: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-    """Yield ``(x, y)`` numpy batches from a DataLoader or an ``(X, y)`` pair, at most ``limit`` samples."""
+def _inputs(x: Any) -> np.ndarray | tuple[np.ndarray, ...]:
+    """A model's input batch as numpy: one array, or a tuple of arrays for multi-input models."""
+    if isinstance(x, (tuple, list)):
+        return tuple(_as_input(v) for v in x)
+    return _as_input(x)
+
+
+def _as_input(v: Any) -> np.ndarray:
+    a = _to_numpy(v)
+    return a.astype(np.float32, copy=False) if a.dtype == np.float64 else a
+
+
+def batch_len(x: np.ndarray | tuple[np.ndarray, ...]) -> int:
+    """Number of samples in an input batch (single or multi-input)."""
+    return len(x[0]) if isinstance(x, tuple) else len(x)
+
+
+def _take(x: Any, i: int, j: int) -> Any:
+    return tuple(v[i:j] for v in x) if isinstance(x, tuple) else x[i:j]
+
+
+def iter_batches(data: Data, batch_size: int = 256, limit: int | None = None) -> Iterator[tuple[Any, np.ndarray | None]]:
+    """Yield ``(x, y)`` numpy batches from a DataLoader or an ``(X, y)`` pair, at most ``limit`` samples.
+
+    ``x`` is an array, or a tuple of arrays when the model takes several inputs (``X`` given as a
+    tuple, e.g. token ids and attention mask).
+    """
     seen = 0
     if isinstance(data, torch.utils.data.DataLoader):
         for batch in data:
             x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) and len(batch) > 1 else (batch, None)
-            x = _to_numpy(x).astype(np.float32, copy=False)
-            y = None if y is None else _to_numpy(y)
-            if limit is not None and seen + len(x) > limit:
-                x, y = x[: limit - seen], None if y is None else y[: limit - seen]
-            if len(x):
+            x, y = _inputs(x), None if y is None else _to_numpy(y)
+            n = batch_len(x)
+            if limit is not None and seen + n > limit:
+                x, y = _take(x, 0, limit - seen), None if y is None else y[: limit - seen]
+            if batch_len(x):
                 yield x, y
-            seen += len(x)
+            seen += batch_len(x)
             if limit is not None and seen >= limit:
                 return
         return
     if not (isinstance(data, (tuple, list)) and len(data) == 2):
         raise DataError(f"data must be a DataLoader or an (X, y) pair, got {type(data).__name__}")
-    xs, ys = _to_numpy(data[0]).astype(np.float32, copy=False), data[1]
+    xs, ys = _inputs(data[0]), data[1]
     ys = None if ys is None else _to_numpy(ys)
-    n = len(xs) if limit is None else min(limit, len(xs))
+    total = batch_len(xs)
+    n = total if limit is None else min(limit, total)
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
-        yield xs[i:j], None if ys is None else ys[i:j]
+        yield _take(xs, i, j), None if ys is None else ys[i:j]
 
 
 def count_samples(data: Data) -> int:
     """Number of samples in a data set (0 when empty)."""
     if isinstance(data, torch.utils.data.DataLoader):
         return len(data.dataset) if hasattr(data.dataset, "__len__") else sum(len(x) for x, _ in iter_batches(data))
-    return len(data[0]) if isinstance(data, (tuple, list)) and len(data) == 2 else 0
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return batch_len(_inputs(data[0]))
+    return 0
 
 
 @dataclass

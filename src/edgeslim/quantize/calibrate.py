@@ -12,12 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from edgeslim.errors import DataError
 from edgeslim.quantize.observers import OBSERVERS
+from edgeslim.runtime.ort import input_feed
+from edgeslim.task import batch_len
 
 
 def collect_ranges(
     model: onnx.ModelProto,
     tensors: list[str],
-    batches: Iterable[np.ndarray],
+    batches: Iterable[np.ndarray | tuple[np.ndarray, ...]],
     *,
     observer: str = "minmax",
     total: int | None = None,
@@ -39,7 +41,6 @@ def collect_ranges(
     opts.intra_op_num_threads = os.cpu_count() or 1
     opts.log_severity_level = 3
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
     out_names = [o.name for o in session.get_outputs()]
     wanted = {name: i for i, name in enumerate(out_names) if name in set(tensors)}
     observers = {name: OBSERVERS[observer]() for name in wanted}
@@ -51,11 +52,11 @@ def collect_ranges(
     ) as bar:
         task = bar.add_task("calibrate", total=total)
         for x in batches:
-            outs = session.run(None, {input_name: np.ascontiguousarray(x, dtype=np.float32)})
+            outs = session.run(None, input_feed(session, x))
             for name, i in wanted.items():
                 observers[name].update(outs[i])
-            seen += len(x)
-            bar.update(task, advance=len(x))
+            seen += batch_len(x)
+            bar.update(task, advance=batch_len(x))
     if seen == 0:
         raise DataError("calibration set is empty: give at least one sample to calibrate on")
     return {name: obs.range() for name, obs in observers.items()}

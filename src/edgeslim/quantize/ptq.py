@@ -16,6 +16,7 @@ from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import lower_qdq, plan_quantization
 from edgeslim.registry import register
+from edgeslim.runtime.ort import input_feed
 from edgeslim.task import ModelArtifact, Task
 
 
@@ -51,11 +52,10 @@ def quantize_static(
     return lower_qdq(folded, plan, ranges, activation_dtype=config.activation_dtype, per_channel=config.per_channel)
 
 
-def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray, max_steps: float = 4.0) -> float:
+def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray | tuple[np.ndarray, ...], max_steps: float = 4.0) -> float:
     """Compare ORT's fused integer kernels with the unfused QDQ graph (float simulation of the same
     quantization). They may differ by requantization rounding, a few output steps at most; more
     means a fusion changed the math. Returns the max abs difference."""
-    feeds = {}
     outs = []
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
         opts = ort.SessionOptions()
@@ -63,8 +63,7 @@ def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray, max_steps: float =
         opts.intra_op_num_threads = 1
         opts.log_severity_level = 3
         sess = ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        feeds = {sess.get_inputs()[0].name: x.astype(np.float32)}
-        outs.append(sess.run(None, feeds))
+        outs.append(sess.run(None, input_feed(sess, x)))
     worst = 0.0
     for name, ref, got in zip([o.name for o in qdq.graph.output], outs[0], outs[1]):
         diff = float(np.abs(ref - got).max()) if ref.size else 0.0

@@ -116,6 +116,7 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_dims: Sequence[Mapping[int, str]] | None = None,
     validate: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-3,
@@ -126,6 +127,8 @@ def export_onnx(
     names (e.g. ``features.0.weight``); BatchNorm is folded into the preceding Conv by the
     exporter's optimizer. With ``validate`` the ORT outputs are compared to PyTorch on the
     example batch and on a batch twice as large, which proves the batch dimension is dynamic.
+    ``dynamic_dims`` names further dynamic axes per input, e.g. ``[{1: "seq"}, {1: "seq"}]`` for
+    token ids and attention mask; axes sharing a name share one symbol.
     """
     import torch
 
@@ -147,9 +150,17 @@ def export_onnx(
         raise ExportError(f"output_names has {len(out_names)} name(s) but the model returns {len(reference)} tensor(s)")
 
     dynamic_shapes = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch")  # one shared symbol: all inputs share the batch size
-        dynamic_shapes = tuple({0: batch} if t.dim() > 0 else None for t in example_inputs)
+    if dynamic_batch or dynamic_dims:
+        symbols: dict[str, object] = {}  # one symbol per name: e.g. all inputs share the batch size
+
+        def dim(name: str) -> object:
+            return symbols.setdefault(name, torch.export.Dim(name))
+
+        extra = list(dynamic_dims or []) + [{}] * (len(example_inputs) - len(dynamic_dims or []))
+        dynamic_shapes = tuple(
+            ({0: dim("batch")} if dynamic_batch and t.dim() > 0 else {}) | {a: dim(n) for a, n in extra[i].items()} or None
+            for i, t in enumerate(example_inputs)
+        )
 
     cls = type(model).__name__
     try:
