@@ -146,8 +146,6 @@ def compress(
 
 
 def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, baseline_name: str) -> RunResult:
-    from edgeslim.runtime import export_onnx
-
     stages: list[Stage] = []
     artifact = ModelArtifact(torch=task.model)
     plan = [(baseline_name, None, None)] + [(t.name, t, s) for t, s in zip(techniques, steps)]
@@ -157,7 +155,7 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         t0 = time.perf_counter()
         if tech is not None:
             artifact = tech.fn(artifact, step, task)
-        graph = artifact.onnx if artifact.onnx is not None else export_onnx(artifact.torch, task.example_inputs)
+        graph = artifact.onnx if artifact.onnx is not None else task.export(artifact.torch)
         seconds = time.perf_counter() - t0
         path = stage_dir / label / "model.onnx"
         io.write_bytes(path, graph.SerializeToString())

@@ -111,6 +111,7 @@ class Task:
     metric_name: str = "accuracy"
     train: Data | None = None
     eval_batch_size: int = 256
+    dynamic_dims: tuple[dict[int, str], ...] | None = None  # extra dynamic axes per input, e.g. ({1: "seq"},)
 
     def __post_init__(self) -> None:
         if isinstance(self.example_inputs, torch.Tensor):
@@ -121,6 +122,12 @@ class Task:
         if count_samples(self.evaluation) == 0:
             raise DataError("evaluation set is empty")
         check_forward(self.model, self.example_inputs)
+
+    def export(self, model: nn.Module) -> onnx.ModelProto:
+        """Export ``model`` with this task's example inputs and dynamic axes (validated against PyTorch)."""
+        from edgeslim.runtime import export_onnx
+
+        return export_onnx(model, self.example_inputs, dynamic_dims=self.dynamic_dims)
 
     def calibration_batches(self, batch_size: int = 32, limit: int | None = None):
         return iter_batches(self.calibration, batch_size, limit)

@@ -12,6 +12,7 @@ get Q/DQ with the *same* parameters on both sides, which lets ORT run them on in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -71,8 +72,11 @@ def _weight_ok(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool
     return node.op_type == "MatMul" and _is_float_weight(w, {2})
 
 
-def plan_quantization(model: onnx.ModelProto) -> QuantPlan:
-    """Decide the Q/DQ placement for ``model`` (BatchNorm already folded)."""
+def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = ()) -> QuantPlan:
+    """Decide the Q/DQ placement for ``model`` (BatchNorm already folded).
+
+    Nodes named in ``exclude`` stay in float (mixed precision keeps sensitive layers there).
+    """
     graph = model.graph
     inits = _initializers(graph)
     users = _consumers(graph)
@@ -88,7 +92,7 @@ def plan_quantization(model: onnx.ModelProto) -> QuantPlan:
 
     for index, node in enumerate(graph.node):
         op = node.op_type
-        if op in WEIGHTED_OPS and _weight_ok(node, inits):
+        if op in WEIGHTED_OPS and node.name not in exclude and _weight_ok(node, inits):
             plan.weighted.append(index)
             add(node.input[0])
             out = node.output[0]
@@ -150,8 +154,15 @@ def lower_qdq(
     *,
     activation_dtype: str = "int8",
     per_channel: bool = True,
+    act_params: Mapping[str, tuple[float, int]] | None = None,
+    weight_params: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> onnx.ModelProto:
-    """Return a QDQ copy of ``model``: int8 weights + DQ, int32 biases + DQ, Q/DQ pairs on ``plan.tensors``."""
+    """Return a QDQ copy of ``model``: int8 weights + DQ, int32 biases + DQ, Q/DQ pairs on ``plan.tensors``.
+
+    ``ranges`` gives each calibrated tensor's (lo, hi). ``act_params`` overrides a tensor's
+    ``(scale, zero_point)`` exactly (QAT's learned scales); ``weight_params`` overrides a node's
+    ``(int8 weights, scales)`` by node name (AdaRound, learned weight scales).
+    """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
@@ -159,8 +170,13 @@ def lower_qdq(
     zp_type = onnx.TensorProto.INT8 if activation_dtype == "int8" else onnx.TensorProto.UINT8
     zp_np = np.int8 if activation_dtype == "int8" else np.uint8
     params: dict[str, tuple[float, int]] = {}
+    act_params = act_params or {}
+    weight_params = weight_params or {}
     for name in plan.tensors:
         source = plan.same_as.get(name, name)
+        if source in act_params:
+            params[name] = act_params[source]
+            continue
         if source not in ranges:
             raise KeyError(f"no calibrated range for tensor {source!r}")
         params[name] = activation_params(*ranges[source], activation_dtype)
@@ -180,7 +196,9 @@ def lower_qdq(
         w_name = node.input[1]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
         axis = _weight_axis(node) if per_channel else None
-        qw, w_scale = quantize_weight(w, axis)
+        qw, w_scale = weight_params[node.name] if node.name in weight_params else quantize_weight(w, axis)
+        if w_scale.ndim == 0:
+            axis = None
         tag = f"{node.name or w_name}"
         dq_inputs = [const(f"{tag}.w_q", qw), const(f"{tag}.w_scale", w_scale),
                      const(f"{tag}.w_zp", np.zeros_like(w_scale, dtype=np.int8))]

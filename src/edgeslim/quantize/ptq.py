@@ -81,12 +81,10 @@ def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray | tuple[np.ndarray,
 @register("ptq_int8", PTQInt8Config)
 def ptq_int8(model: ModelArtifact, config: PTQInt8Config, task: Task) -> ModelArtifact:
     """Static int8 post-training quantization, lowered to integer kernels (QDQ)."""
-    from edgeslim.runtime import export_onnx
-
     if model.onnx is not None:
         raise ConfigError("ptq_int8: the model is already lowered to a quantized graph; put ptq_int8 last")
     module = copy.deepcopy(model.torch).eval()
-    fp32 = export_onnx(module, task.example_inputs)
+    fp32 = task.export(module)
     total = min(config.calibration_samples, _count(task))
     batches = (x for x, _ in task.calibration_batches(config.batch_size, limit=config.calibration_samples))
     qdq = quantize_static(fp32, batches, config, total=total)
