@@ -158,3 +158,64 @@ def test_config_rejects_bad_values():
     assert d["technique"] == "ptq_int8"
     d.pop("technique")
     assert PTQInt8Config.from_dict(d) == cfg
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "vgg_small", "resnet20", "mobilenetv2_small"])
+def test_every_reference_model_runs_fully_on_integer_kernels(name):
+    """Residual adds and depthwise convs included: with the default (auto) activation type every
+    Conv/Gemm of every reference model becomes an integer kernel in ORT's optimized graph."""
+    from edgeslim.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    for m in model.modules():  # trained-like BN statistics, so folded biases are non-zero
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    x = np.random.default_rng(0).random((16, 1, 28, 28), dtype=np.float32)
+    q = quantize_static(export_onnx(model, (torch.from_numpy(x[:1]),)), [x], PTQInt8Config(progress=False))
+    report = inspect_optimized(q)
+    assert report.int8_op_fraction == 1.0, report.fp_compute_nodes
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_average", "percentile", "mse", "kl"])
+def test_every_observer_quantizes_accurately(observer, cnn, images):
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    q = quantize_static(fp32, [images[:32], images[32:]], PTQInt8Config(observer=observer, progress=False))
+    ref = cnn(torch.from_numpy(images)).detach().numpy()
+    # KL clips hardest (it trades outliers for resolution), hence the common 15 dB floor
+    assert sqnr_db(ref, run(q, images)) > 15.0
+    assert inspect_optimized(q).int8_op_fraction == 1.0
+
+
+def test_bias_correction_removes_the_mean_output_shift(cnn, images):
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    ref = cnn(torch.from_numpy(images)).detach().numpy()
+    shifts = {}
+    for bc in (False, True):
+        cfg = PTQInt8Config(weight_observer="mse", bias_correction=bc, progress=False)
+        got = run(quantize_static(fp32, [images[:32], images[32:]], cfg), images)
+        shifts[bc] = float(np.abs((got - ref).mean(axis=0)).mean())
+    assert shifts[True] < shifts[False]
+
+
+def test_observers_on_a_known_distribution():
+    from edgeslim.quantize.observers import make_observer
+
+    x = np.random.default_rng(0).normal(size=200_000).astype(np.float32)
+    x[0] = 40.0  # one outlier
+    ranges = {}
+    for name in ("minmax", "percentile", "mse", "kl"):
+        obs = make_observer(name, symmetric=True)
+        for chunk in np.array_split(x, 7):  # histograms re-bin as the range grows
+            obs.update(chunk)
+        ranges[name] = obs.range()
+    assert ranges["minmax"][1] == pytest.approx(40.0)
+    for name in ("percentile", "kl"):  # both ignore the single outlier
+        assert 2.0 < ranges[name][1] < 10.0, (name, ranges[name])
+    # MSE weighs the outlier's clipping error against everyone's rounding error: it clips, partly
+    assert 2.0 < ranges["mse"][1] < 39.0
+    per_channel = make_observer("minmax", axis=1)
+    per_channel.update(np.array([[1.0, -2.0], [3.0, 0.5]], np.float32))
+    lo, hi = per_channel.range()
+    assert lo.tolist() == [1.0, -2.0] and hi.tolist() == [3.0, 0.5]

@@ -11,7 +11,7 @@ import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from edgeslim.errors import DataError
-from edgeslim.quantize.observers import OBSERVERS
+from edgeslim.quantize.observers import make_observer
 from edgeslim.runtime.ort import input_feed
 from edgeslim.task import batch_len
 
@@ -22,10 +22,14 @@ def collect_ranges(
     batches: Iterable[np.ndarray | tuple[np.ndarray, ...]],
     *,
     observer: str = "minmax",
+    observer_options: dict | None = None,
     total: int | None = None,
     progress: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """Observe ``tensors`` of ``model`` over calibration ``batches``; return ``{name: (lo, hi)}``.
+
+    ``observer`` names the range estimator (minmax, moving_average, percentile, mse, kl);
+    ``observer_options`` go to it (dtype, symmetric, percentile).
 
     Every observed tensor becomes an extra graph output of a copy of the model; graph
     optimizations are disabled so that the tensor names of the input graph still exist.
@@ -43,7 +47,7 @@ def collect_ranges(
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
     wanted = {name: i for i, name in enumerate(out_names) if name in set(tensors)}
-    observers = {name: OBSERVERS[observer]() for name in wanted}
+    observers = {name: make_observer(observer, **(observer_options or {})) for name in wanted}
 
     seen = 0
     with Progress(

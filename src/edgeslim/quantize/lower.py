@@ -112,10 +112,20 @@ def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = ()) -> 
     return plan
 
 
-def activation_params(lo: float, hi: float, dtype: str) -> tuple[float, int]:
-    """Asymmetric affine parameters ``(scale, zero_point)`` covering [min(lo,0), max(hi,0)]."""
+def activation_params(lo: float, hi: float, dtype: str, symmetric: bool = False) -> tuple[float, int]:
+    """Affine parameters ``(scale, zero_point)`` for a tensor observed in [lo, hi].
+
+    Asymmetric (default): the grid covers [min(lo,0), max(hi,0)], so zero is exact and a ReLU
+    output gets the zero point at the bottom of the range. Symmetric: zero point 0 (int8) or
+    128 (uint8) and the grid covers [-max|x|, max|x|].
+    """
     qmin, qmax = (-128, 127) if dtype == "int8" else (0, 255)
     rmin, rmax = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        bound = max(-rmin, rmax)
+        if bound <= 1e-12:
+            return 1.0, 0 if dtype == "int8" else 128
+        return float(bound / 127.0), 0 if dtype == "int8" else 128
     scale = (rmax - rmin) / (qmax - qmin)
     if scale <= 1e-12:  # a constant-zero tensor: any scale represents it exactly
         return 1.0, qmin if rmin == 0.0 else 0
@@ -153,6 +163,7 @@ def lower_qdq(
     ranges: dict[str, tuple[float, float]],
     *,
     activation_dtype: str = "int8",
+    activation_symmetric: bool = False,
     per_channel: bool = True,
     act_params: Mapping[str, tuple[float, int]] | None = None,
     weight_params: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
@@ -179,7 +190,7 @@ def lower_qdq(
             continue
         if source not in ranges:
             raise KeyError(f"no calibrated range for tensor {source!r}")
-        params[name] = activation_params(*ranges[source], activation_dtype)
+        params[name] = activation_params(*ranges[source], activation_dtype, activation_symmetric)
 
     new_inits: list[onnx.TensorProto] = []
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # producer output -> nodes inserted after it

