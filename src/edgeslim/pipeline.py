@@ -155,10 +155,13 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         t0 = time.perf_counter()
         if tech is not None:
             artifact = tech.fn(artifact, step, task)
+            artifact.files = dict(artifact.files)
         graph = artifact.onnx if artifact.onnx is not None else task.export(artifact.torch)
         seconds = time.perf_counter() - t0
         path = stage_dir / label / "model.onnx"
         io.write_bytes(path, graph.SerializeToString())
+        for fname, content in artifact.files.items():
+            io.write_bytes(path.parent / fname, content.encode() if isinstance(content, str) else content)
         stage = Stage(label, name if tech else None, step.to_dict() if step else None,
                       stages[-1].name if stages else None, path)
         stage.metrics = _static_measures(path, graph, task)

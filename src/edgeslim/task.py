@@ -162,3 +162,4 @@ class ModelArtifact:
     torch: nn.Module
     onnx: onnx.ModelProto | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str | bytes] = field(default_factory=dict)  # extra files for the stage folder

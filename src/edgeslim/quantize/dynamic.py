@@ -99,7 +99,8 @@ def check_exclude(graph: onnx.GraphProto, exclude: Collection[str], ops: Collect
         if name not in names:
             candidates = [node_label(n, i) for i, n in enumerate(graph.node) if n.op_type in ops]
             shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
-            raise ConfigError(f"exclude: no node named {name!r} in the exported graph ({'/'.join(ops)} nodes: {shown or 'none'})")
+            raise ConfigError(f"exclude: no node named {name!r} in the exported graph "
+                              f"({'/'.join(ops)} nodes: {shown or 'none'})")
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -186,7 +187,9 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
     graph = out.graph
     check_exclude(graph, config.exclude, config.ops)
     sites = {s.index: s for s in find_linear_sites(out, config.ops, config.exclude)}
-    act_act = set(_dynamic_matmul_sites(graph, config.ops, config.exclude, set(sites))) if config.activation_matmuls else set()
+    act_act = set()
+    if config.activation_matmuls:
+        act_act = set(_dynamic_matmul_sites(graph, config.ops, config.exclude, set(sites)))
     fresh = FreshNames(graph)
     new_inits: list[TensorProto] = []
 
@@ -201,7 +204,8 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
         # One DynamicQuantizeLinear per tensor, shared by all its quantized consumers (q/k/v).
         if tensor not in quantized:
             q, s, z = fresh(f"{tensor}/q"), fresh(f"{tensor}/scale"), fresh(f"{tensor}/zp")
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [tensor], [q, s, z], name=fresh(f"{tensor}/DynamicQuantize")))
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [tensor], [q, s, z],
+                                          name=fresh(f"{tensor}/DynamicQuantize")))
             quantized[tensor] = (q, s, z)
         return quantized[tensor]
 
@@ -231,7 +235,8 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
             helper.make_node("Mul", [acc_f, scale], [y_mul], name=fresh(f"{base}/Rescale")),
         ]
         if bias is not None:
-            ordered.append(helper.make_node("Add", [y_mul, const(f"{base}/bias", bias)], [y], name=fresh(f"{base}/Bias")))
+            b = const(f"{base}/bias", bias)
+            ordered.append(helper.make_node("Add", [y_mul, b], [y], name=fresh(f"{base}/Bias")))
 
     del graph.node[:]
     graph.node.extend(ordered)
@@ -251,6 +256,7 @@ def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) ->
     fp32 = task.export(module)
     graph = quantize_dynamic_graph(fp32, config)
     ops = [n.op_type for n in graph.graph.node]
-    notes = {"quantized_layers": ops.count("MatMulInteger"), "dynamic_quantize_nodes": ops.count("DynamicQuantizeLinear"),
+    notes = {"quantized_layers": ops.count("MatMulInteger"),
+             "dynamic_quantize_nodes": ops.count("DynamicQuantizeLinear"),
              "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
     return ModelArtifact(torch=module, onnx=graph, notes=notes)

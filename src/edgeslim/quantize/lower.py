@@ -72,10 +72,18 @@ def _weight_ok(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool
     return node.op_type == "MatMul" and _is_float_weight(w, {2})
 
 
+def layer_name(node: onnx.NodeProto) -> str:
+    """A weighted node's layer name: its weight's torch parameter name without ".weight"
+    (the exporter keeps parameter names, e.g. "features.3"), else the ONNX node name."""
+    w = (node.input[1] if len(node.input) > 1 else "").removesuffix(".bnfold")
+    return w.removesuffix(".weight") if w.endswith(".weight") else node.name
+
+
 def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = ()) -> QuantPlan:
     """Decide the Q/DQ placement for ``model`` (BatchNorm already folded).
 
-    Nodes named in ``exclude`` stay in float (mixed precision keeps sensitive layers there).
+    Nodes named in ``exclude`` (ONNX node name or layer name) stay in float: mixed precision
+    keeps sensitive layers there.
     """
     graph = model.graph
     inits = _initializers(graph)
@@ -92,7 +100,7 @@ def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = ()) -> 
 
     for index, node in enumerate(graph.node):
         op = node.op_type
-        if op in WEIGHTED_OPS and node.name not in exclude and _weight_ok(node, inits):
+        if op in WEIGHTED_OPS and not {node.name, layer_name(node)} & set(exclude) and _weight_ok(node, inits):
             plan.weighted.append(index)
             add(node.input[0])
             out = node.output[0]

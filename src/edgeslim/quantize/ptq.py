@@ -15,6 +15,7 @@ from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError, ExportError
 from edgeslim.quantize.bias_correction import correct_biases
 from edgeslim.quantize.calibrate import collect_ranges
+from edgeslim.quantize.debug import compare_layers
 from edgeslim.quantize.observers import MSEObserver
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import lower_qdq, plan_quantization
@@ -151,7 +152,11 @@ def ptq_int8(model: ModelArtifact, config: PTQInt8Config, task: Task) -> ModelAr
     qdq = quantize_static(fp32, batches, config, total=total)
     probe = next(x for x, _ in task.calibration_batches(min(8, config.batch_size)))
     parity = check_integer_parity(qdq, probe)
-    return ModelArtifact(torch=module, onnx=qdq, notes={"calibration_samples": total, "integer_parity_max_abs_diff": parity})
+    layers = compare_layers(qdq, probe, fp32=fold_batchnorm(fp32))
+    first = layers.first_divergent
+    notes = {"calibration_samples": total, "activation_dtype": resolve_activation_dtype(config.activation_dtype),
+             "integer_parity_max_abs_diff": parity, "parity_first_divergent": None if first is None else first.tensor}
+    return ModelArtifact(torch=module, onnx=qdq, notes=notes, files={"parity.md": layers.to_markdown()})
 
 
 def _count(task: Task) -> int:

@@ -329,14 +329,27 @@ def set_epoch(qat: QATModel, epoch: int, config: QATConfig) -> None:
 
 
 # --------------------------------------------------------------------------------- train
+def _param_groups(qat: QATModel, lr: float) -> list[dict]:
+    """Weights at ``lr``; each step size at ``lr * s0 / w_ref``. Adam moves every parameter by
+    about lr per step whatever its size, so a step size s0 ~ 1e-3 would jump by ~lr; this gives
+    it the relative rate of a typical weight (w_ref = mean |folded weight|) instead."""
+    scales = qat.scale_parameters()
+    ids = {id(p) for p in scales}
+    with torch.no_grad():
+        mags = [folded_params(layer.op, layer.bn)[0].abs().mean() for layer in qat.weighted.values()]
+    w_ref = float(torch.stack(mags).mean()) if mags else 1.0
+    groups = [{"params": [p for p in qat.module.parameters() if id(p) not in ids and p.requires_grad]}]
+    for p in scales:
+        groups.append({"params": [p], "lr": lr * float(p.detach().abs().mean()) / max(w_ref, 1e-12)})
+    return groups
+
+
 def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[int, QATModel], None] | None = None) -> QATModel:
     """Fine-tune the fake-quant model with cross-entropy, AdamW and cosine decay (deterministic)."""
     x, y = (data, None) if isinstance(data, torch.utils.data.DataLoader) else data
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    scales = {id(p) for p in qat.scale_parameters()}
-    weights = [p for p in qat.module.parameters() if id(p) not in scales and p.requires_grad]
-    opt = torch.optim.AdamW([{"params": weights}, {"params": qat.scale_parameters()}], lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
     steps = (_num_batches(x, config.batch_size) or 1) * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_fn = nn.CrossEntropyLoss()
@@ -374,16 +387,17 @@ def convert_qat(qat: QATModel, task: Task) -> tuple[nn.Module, onnx.ModelProto]:
     for i, node in enumerate(fp32.graph.node):
         node.name = node.name or f"qat_node_{i}"
     plan = plan_quantization(fp32)
-    names = [fp32.graph.node[i].name for i in plan.weighted]
-    if plan.tensors != qat.plan.tensors or plan.same_as != qat.plan.same_as or sorted(names) != sorted(qat.weighted):
+    # Same architecture, so same plan; exporter names may differ between exports: map by position.
+    rename = dict(zip(plan.tensors, qat.plan.tensors))
+    if (len(plan.tensors) != len(qat.plan.tensors) or len(plan.weighted) != len(qat.weighted)
+            or {rename[k]: rename[v] for k, v in plan.same_as.items()} != qat.plan.same_as):
         raise ExportError("qat_int8: the exported graph's int8 plan changed during training; cannot carry scales over")
-    act_params = {name: qat.act_quants[name].params() for name in plan.calibrated}
+    act_params = {name: qat.act_quants[rename[name]].params() for name in plan.calibrated}
     inits = {i.name: i for i in fp32.graph.initializer}
     weight_params = {}
     with torch.no_grad():
-        for index in plan.weighted:
+        for index, layer in zip(plan.weighted, qat.weighted.values()):
             node = fp32.graph.node[index]
-            layer = qat.weighted[node.name]
             w = folded_params(layer.op, layer.bn)[0]
             q, s = (t.numpy() for t in layer.wq.quantize(w))
             ref = numpy_helper.to_array(inits[node.input[1]])

@@ -72,9 +72,11 @@ class WeightOnlyConfig(TechniqueConfig):
         if self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits: ONNX Runtime's CPU MatMulNBits kernel runs 2, 4 or 8 bits, got {self.bits}")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
-            raise ConfigError(f"group_size: must be a power of two >= 16 (MatMulNBits block_size), got {self.group_size}")
+            raise ConfigError("group_size: must be a power of two >= 16 (MatMulNBits block_size), "
+                              f"got {self.group_size}")
         if self.accuracy_level not in (0, 4):
-            raise ConfigError(f"accuracy_level: must be 0 (fp32 compute) or 4 (int8 activations), got {self.accuracy_level}")
+            raise ConfigError("accuracy_level: must be 0 (fp32 compute) or 4 (int8 activations), "
+                              f"got {self.accuracy_level}")
 
 
 @dataclass
@@ -166,7 +168,8 @@ def check_group_size(sites: list[LinearSite], group_size: int) -> None:
                               f"not divisible by group_size {group_size}")
 
 
-def quantize_weight_only_graph(model: onnx.ModelProto, config: WeightOnlyConfig = WeightOnlyConfig()) -> onnx.ModelProto:
+def quantize_weight_only_graph(model: onnx.ModelProto,
+                               config: WeightOnlyConfig = WeightOnlyConfig()) -> onnx.ModelProto:
     """A copy of float ``model`` with every MatMul/Gemm of constant weight replaced by MatMulNBits.
 
     Gemm becomes MatMulNBits with its ``beta * C`` as the kernel's bias when C has N elements,
@@ -207,9 +210,11 @@ def quantize_weight_only_graph(model: onnx.ModelProto, config: WeightOnlyConfig 
             inputs.pop()
         y = node.output[0]
         y_mm = fresh(f"{y}/nbits") if extra_add else y
-        ordered.append(helper.make_node("MatMulNBits", inputs, [y_mm], name=fresh(f"{base}/MatMulNBits"), domain=MS_DOMAIN,
-                                        K=k, N=n, bits=config.bits, block_size=config.group_size,
-                                        **({"accuracy_level": config.accuracy_level} if config.accuracy_level else {})))
+        attrs = {"K": k, "N": n, "bits": config.bits, "block_size": config.group_size}
+        if config.accuracy_level:
+            attrs["accuracy_level"] = config.accuracy_level
+        ordered.append(helper.make_node("MatMulNBits", inputs, [y_mm], name=fresh(f"{base}/MatMulNBits"),
+                                        domain=MS_DOMAIN, **attrs))
         if extra_add:
             ordered.append(helper.make_node("Add", [y_mm, extra_add], [y], name=fresh(f"{base}/Bias")))
 

@@ -126,9 +126,17 @@ def count_params(model: onnx.ModelProto) -> int:
             if name in tensors:
                 uses[name].append((node.op_type, slot))
 
+    # MatMulNBits packs K*N weights into uint8 blobs: count the weights, not the bytes.
+    packed = {node.input[1]: _attr(node, "K") * _attr(node, "N") for node in graph.node
+              if node.op_type == "MatMulNBits" and len(node.input) > 1}
     total = 0
     for name, t in tensors.items():
         consumers = uses.get(name, [])
+        if name in packed:
+            total += packed[name]
+            continue
+        if _is_dequant_scale(name, consumers):
+            continue
         if t.data_type == TensorProto.INT32:
             if any(slot in _INT32_WEIGHT_SLOTS.get(op, ()) for op, slot in consumers):
                 total += _numel(t)
@@ -141,6 +149,16 @@ def count_params(model: onnx.ModelProto) -> int:
             continue
         total += _numel(t)
     return total
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def _is_dequant_scale(name: str, consumers: list[tuple[str, int]]) -> bool:
+    # Dynamic quantization rescales the int32 accumulator with Mul(x_scale, w_scale): a tensor named
+    # as a scale that only feeds such Muls is a quantization parameter, not a weight.
+    return name.lower().endswith("scale") and bool(consumers) and all(op == "Mul" for op, _ in consumers)
 
 
 def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
@@ -238,4 +256,9 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
                 n = b[-2] if trans_b else b[-1]
                 out = [math.prod(a) // k, n]  # batch dims * M rows, N cols
             total += math.prod(out) * k
+    for node in inferred.graph.node:
+        if node.op_type == "MatMulNBits":  # A (..., K) times the packed (K, N): no ONNX shape inference
+            a = shapes.get(node.input[0])
+            if a is not None:
+                total += math.prod(a[:-1]) * _attr(node, "K") * _attr(node, "N")
     return int(total)
