@@ -34,6 +34,10 @@ def test_valid_recipe_maps_to_configs(tmp_path):
     ({**BASE, "data": {"dataset": "digits", "calibration_samples": 0}}, r"data\.calibration_samples"),
     ({**BASE, "metric": "bleu"}, "metric"),
     ({"data": {"dataset": "digits"}}, "model"),
+    ({"model": {"name": "minilm"}, "data": {"dataset": "digits"}}, r"data\.dataset"),
+    ({"model": {"name": "lenet300"}, "data": {"dataset": "sentences"}}, r"data\.dataset"),
+    ({"model": {"name": "minilm", "train": {"epochs": 1}}, "data": {"dataset": "sentences"}}, "pretrained"),
+    ({"model": {"name": "minilm"}, "data": {"dataset": "sentences", "seq_len": 0}}, r"data\.seq_len"),
 ])
 def test_bad_recipes_name_the_field(recipe, field, tmp_path):
     with pytest.raises(ConfigError, match=field):
@@ -52,3 +56,9 @@ def test_load_recipe_reports_yaml_and_missing_file(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(bad)
+
+
+def test_text_recipe_defaults_to_cosine(tmp_path):
+    r = parse_recipe({"model": {"name": "minilm"}, "data": {"dataset": "sentences", "seq_len": 64},
+                      "steps": [{"technique": "ptq_int8", "op_types": ["MatMul"]}]}, tmp_path)
+    assert r.metric == "cosine" and r.data.seq_len == 64 and r.steps[0].op_types == ("MatMul",)

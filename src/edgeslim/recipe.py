@@ -17,7 +17,7 @@ import hashlib
 import importlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,16 @@ from edgeslim.config import TechniqueConfig, build_dataclass
 from edgeslim.errors import CheckpointError, ConfigError, ModelError
 from edgeslim.pipeline import RuntimeConfig
 from edgeslim.task import METRICS, Task, check_forward
+
+
+TEXT_MODELS = ("minilm",)  # pretrained, shipped by a package; their data set is "sentences"
+TEXT_DATASETS = ("sentences",)
+
+
+def known_models() -> list[str]:
+    from edgeslim.models import list_models
+
+    return list_models() + list(TEXT_MODELS)
 
 
 @dataclass(frozen=True)
@@ -61,11 +71,10 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if (self.name is None) == (self.factory is None):
             raise ConfigError("give exactly one of name (a bundled model) or factory ('module:function')")
-        if self.name is not None:
-            from edgeslim.models import list_models
-
-            if self.name not in list_models():
-                raise ConfigError(f"name: unknown model {self.name!r} (known: {', '.join(list_models())})")
+        if self.name is not None and self.name not in known_models():
+            raise ConfigError(f"name: unknown model {self.name!r} (known: {', '.join(known_models())})")
+        if self.name in TEXT_MODELS and (self.checkpoint or self.train):
+            raise ConfigError(f"{self.name} is pretrained: it takes neither checkpoint nor train")
         if self.factory is not None and ":" not in self.factory:
             raise ConfigError(f"factory: expected 'module:function', got {self.factory!r}")
 
@@ -79,12 +88,16 @@ class DataSpec:
     seed: int = 0
     calibration_samples: int = 512
     eval_samples: int | None = None
+    seq_len: int = 128  # text data sets: tokens per sentence (padded / truncated)
 
     def __post_init__(self) -> None:
         from edgeslim.data import DATASETS
 
-        if self.dataset not in DATASETS:
-            raise ConfigError(f"dataset: unknown data set {self.dataset!r} (known: {', '.join(DATASETS)})")
+        if self.dataset not in DATASETS + TEXT_DATASETS:
+            known = ", ".join(DATASETS + TEXT_DATASETS)
+            raise ConfigError(f"dataset: unknown data set {self.dataset!r} (known: {known})")
+        if self.seq_len < 1:
+            raise ConfigError(f"seq_len: must be >= 1, got {self.seq_len}")
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples: must be >= 1, got {self.calibration_samples}")
         if self.eval_samples is not None and self.eval_samples < 1:
@@ -95,7 +108,7 @@ class DataSpec:
 class Recipe:
     model: ModelSpec
     data: DataSpec = DataSpec()
-    metric: str = "accuracy"
+    metric: str = "accuracy"  # "cosine" for embedding models
     steps: tuple[TechniqueConfig, ...] = ()
     runtime: RuntimeConfig = RuntimeConfig()
     output: str = "runs/run"
@@ -124,11 +137,14 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
         ckpt = _resolve(base, model.checkpoint)
         if not ckpt.is_file():
             raise CheckpointError(f"model.checkpoint: file not found: {ckpt}")
-        model = ModelSpec(model.name, model.factory, model.kwargs, str(ckpt), model.train)
+        model = replace(model, checkpoint=str(ckpt))
     spec = build_dataclass(DataSpec, data.get("data"), "data")
     if spec.dir is not None:
-        spec = DataSpec(spec.dataset, str(_resolve(base, spec.dir)), spec.seed, spec.calibration_samples, spec.eval_samples)
-    metric = data.get("metric", "accuracy")
+        spec = replace(spec, dir=str(_resolve(base, spec.dir)))
+    metric = data.get("metric", "cosine" if model.name in TEXT_MODELS else "accuracy")
+    if (model.name in TEXT_MODELS) != (spec.dataset in TEXT_DATASETS):
+        raise ConfigError(f"data.dataset: {spec.dataset!r} does not fit model {model.name or model.factory!r} "
+                          f"(text models {', '.join(TEXT_MODELS)} take {', '.join(TEXT_DATASETS)})")
     if metric not in METRICS:
         raise ConfigError(f"metric: unknown metric {metric!r} (known: {', '.join(METRICS)})")
     steps_data = data.get("steps") or []
@@ -182,6 +198,11 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
     from edgeslim.data import load_dataset
 
     spec = recipe.data
+    if recipe.model.name in TEXT_MODELS:
+        from edgeslim.models.minilm import build_minilm_task
+
+        return build_minilm_task(seq_len=spec.seq_len, calibration_samples=spec.calibration_samples,
+                                 eval_samples=spec.eval_samples or 256, seed=spec.seed)
     split = load_dataset(spec.dataset, spec.dir, seed=spec.seed)
     model = _build_model(recipe.model, split)
     check_forward(model, (torch.from_numpy(split.x_test[:1]),))  # fail before any training

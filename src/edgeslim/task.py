@@ -25,7 +25,15 @@ def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
     return float((outputs.argmax(dim=-1) == targets).double().mean())
 
 
-METRICS: dict[str, Metric] = {"accuracy": accuracy}
+def _cosine(outputs: torch.Tensor, targets: torch.Tensor) -> float:
+    from edgeslim.evaluate.metrics import cosine
+
+    return cosine(outputs, targets)
+
+
+# Metrics by recipe name. "cosine": mean cosine similarity of output vectors to the targets (for an
+# embedding model, targets are the fp32 model's own embeddings: fidelity of the compressed model).
+METRICS: dict[str, Metric] = {"accuracy": accuracy, "cosine": _cosine}
 
 
 def _to_numpy(a: Any) -> np.ndarray:

@@ -11,18 +11,24 @@ outside the grid. With a learnable step size the same expression yields the LSQ 
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from edgeslim.errors import ModelError
 from edgeslim.quantize.lower import activation_params
+from edgeslim.runtime.ort import first_line
 
 ACT_QMIN, ACT_QMAX = -128, 127  # per-tensor asymmetric int8 activations
 W_QMAX = 127  # per-channel symmetric int8 weights in [-127, 127]
 EMA_AVERAGING = 0.01  # moving-average min/max observer constant (as in torch.ao)
 _MIN_SCALE = 1e-12
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,7 @@ class ActFakeQuant(nn.Module):
         self.observing = True
         self.calibrating = False
         self.learn = False
+        self.clip: tuple[float, float] | None = None  # bounds of a Clip (ReLU6) right before this quantizer
 
     def extra_repr(self) -> str:
         return f"{self.tensor_name!r}, scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
@@ -71,7 +78,20 @@ class ActFakeQuant(nn.Module):
         return float(self.effective_scale().detach()), int(self.zero_point)
 
     def effective_scale(self) -> torch.Tensor:
-        return self.scale.clamp_min(_MIN_SCALE)
+        """The learned/observed scale, capped after a Clip so that ORT can drop the Clip.
+
+        ORT removes Clip -> Q only if the Q's saturation bounds lie inside the clip range
+        (ClipQuantFusion): (qmax - zp - 0.5) * s <= clip_max and (qmin - zp + 0.5) * s >= clip_min.
+        Values outside the clip range never occur there, so the cap loses nothing.
+        """
+        scale = self.scale.clamp_min(_MIN_SCALE)
+        if self.clip is not None:
+            zp = float(self.zero_point)
+            caps = [self.clip[1] / (ACT_QMAX - zp - 0.5)] if self.clip[1] > 0 else []
+            caps += [self.clip[0] / (ACT_QMIN - zp + 0.5)] if self.clip[0] < 0 and ACT_QMIN - zp + 0.5 < 0 else []
+            if caps:  # 1 - 1e-6: margin for float32 rounding of the bound products
+                scale = torch.clamp(scale, max=min(caps) * (1 - 1e-6))
+        return scale
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, ema: bool) -> None:
@@ -228,3 +248,68 @@ class QuantWeighted(nn.Module):
         if b is not None and self.input_quant is not None and self.input_quant.enabled:
             b = bias_fake_quant(b, self.input_quant.effective_scale(), self.wq.current_scale(w))
         return self._apply_op(x, w_hat, b)
+
+
+# ------------------------------------------------------------------------- model surgery
+class _Tracer(fx.Tracer):
+    """symbolic_trace that remembers which module was being traced when tracing failed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: str | None = None
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m) or type(m).__name__
+            raise
+
+
+def trace_model(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:
+        where = tracer.failed_in or type(model).__name__
+        raise ModelError(f"qat_int8: torch.fx cannot trace module {where!r}: {first_line(err)}") from None
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def node_scope(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack)[-1] if stack else ""
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def conv_bn_pairs(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Conv nodes whose only user is a BatchNorm module (folded during training and export)."""
+    modules = dict(gm.named_modules())
+    pairs = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], CONVS) and len(node.users) == 1:
+            user = next(iter(node.users))
+            bn = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(bn, BATCHNORMS) and bn.track_running_stats and bn.running_var is not None:
+                pairs[node] = user
+    return pairs
+
+
+def fold_source(source: nn.Module, pairs: list[tuple[str, str]]) -> nn.Module:
+    """A float copy of ``source`` with each (conv, bn) pair folded (running statistics), BN -> Identity."""
+    model = copy.deepcopy(source).eval()
+    with torch.no_grad():
+        for conv_path, bn_path in pairs:
+            conv = model.get_submodule(conv_path)
+            w, b = folded_params(conv, model.get_submodule(bn_path))
+            conv.weight = nn.Parameter(w.detach().clone())
+            conv.bias = nn.Parameter(b.detach().clone())
+            set_submodule(model, bn_path, nn.Identity())
+    return model

@@ -73,26 +73,56 @@ def _weight_ok(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool
 
 
 def layer_name(node: onnx.NodeProto) -> str:
-    """A weighted node's layer name: its weight's torch parameter name without ".weight"
-    (the exporter keeps parameter names, e.g. "features.3"), else the ONNX node name."""
+    """A weighted node's layer name, i.e. the torch module it came from: its weight's parameter name
+    without ".weight" (e.g. "features.3"), else the module path the exporter recorded in the node's
+    metadata (transposed Linear weights lose their names), else the ONNX node name."""
     w = (node.input[1] if len(node.input) > 1 else "").removesuffix(".bnfold")
-    return w.removesuffix(".weight") if w.endswith(".weight") else node.name
+    if w.endswith(".weight"):
+        return w.removesuffix(".weight")
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            scopes = [s.strip(" '\"") for s in prop.value.strip("[]").split(",")]
+            if len(scopes) >= 2 and scopes[-2]:
+                return scopes[-2]  # the last entry names the op, the one before it the module
+    return node.name
 
 
-def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = ()) -> QuantPlan:
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of float32 tensors (shape inference gives intermediate types): only those are quantized;
+    transformer graphs also carry int64 arithmetic (mask and position computations)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is best effort; unknown types are then treated as float
+        inferred = model
+    values = [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
+    known = {v.name: v.type.tensor_type.elem_type for v in values if v.type.HasField("tensor_type")}
+    produced = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    return {t for t in produced if known.get(t, onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT}
+
+
+def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = (),
+                      op_types: Collection[str] | None = None) -> QuantPlan:
     """Decide the Q/DQ placement for ``model`` (BatchNorm already folded).
 
     Nodes named in ``exclude`` (ONNX node name or layer name) stay in float: mixed precision
-    keeps sensitive layers there.
+    keeps sensitive layers there. ``op_types`` limits quantization to those op types; then a
+    MatMul's output stays float (ORT runs DQ -> MatMul as MatMulIntegerToFloat), which suits
+    transformers, where residual and mask Adds must not be squeezed into int8.
     """
     graph = model.graph
     inits = _initializers(graph)
     users = _consumers(graph)
+    floats = _float_tensors(model)
+    allowed = set(op_types) if op_types else None
+    graph_outputs = {o.name for o in graph.output}
     plan = QuantPlan()
     chosen: set[str] = set()
 
+    def wanted(op: str) -> bool:
+        return allowed is None or op in allowed
+
     def add(name: str, same_as: str | None = None) -> None:
-        if name and name not in chosen and name not in inits:
+        if name and name not in chosen and name not in inits and name in floats:
             chosen.add(name)
             plan.tensors.append(name)
             if same_as is not None:
@@ -100,19 +130,22 @@ def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = ()) -> 
 
     for index, node in enumerate(graph.node):
         op = node.op_type
-        if op in WEIGHTED_OPS and not {node.name, layer_name(node)} & set(exclude) and _weight_ok(node, inits):
+        if (op in WEIGHTED_OPS and wanted(op) and not {node.name, layer_name(node)} & set(exclude)
+                and _weight_ok(node, inits)):
             plan.weighted.append(index)
             add(node.input[0])
+            if allowed is not None and op == "MatMul":
+                continue
             out = node.output[0]
             nxt = users.get(out, [])
             # Conv -> Relu -> Q: quantize after the activation so ORT folds the Relu away.
-            if len(nxt) == 1 and nxt[0].op_type in FUSABLE_ACTIVATIONS and out not in {o.name for o in graph.output}:
+            if len(nxt) == 1 and nxt[0].op_type in FUSABLE_ACTIVATIONS and out not in graph_outputs:
                 add(nxt[0].output[0])
             else:
                 add(out)
-        elif op in SAME_SCALE_OPS and node.input[0] in chosen:
+        elif op in SAME_SCALE_OPS and wanted(op) and node.input[0] in chosen:
             add(node.output[0], same_as=node.input[0])
-        elif op in QLINEAR_OPS:
+        elif op in QLINEAR_OPS and wanted(op) and all(n in floats or n in inits for n in node.input if n):
             for name in node.input:
                 if name not in inits:
                     add(name)

@@ -83,7 +83,7 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     dtype = resolve_activation_dtype(ptq.activation_dtype)
     module = copy.deepcopy(model.torch).eval()
     folded = fold_batchnorm(task.export(module))
-    full = plan_quantization(folded, exclude=ptq.exclude)
+    full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None)
     batches = [x for x, _ in task.calibration_batches(ptq.batch_size, limit=ptq.calibration_samples)]
     options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
@@ -95,7 +95,7 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     names = [layer_name(n) for n in nodes]
 
     def lower(float_layers: set[str]) -> onnx.ModelProto:
-        plan = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(float_layers))
+        plan = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(float_layers), op_types=ptq.op_types or None)
         return lower_qdq(folded, plan, ranges, activation_dtype=dtype, activation_symmetric=ptq.activation_symmetric,
                          per_channel=ptq.per_channel, weight_params=weights)
 

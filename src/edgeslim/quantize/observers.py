@@ -184,6 +184,9 @@ class EntropyObserver(HistogramObserver):
         bound = max(abs(lo), abs(hi), 1e-12)
         centres = self._centres(c)
         mag = np.histogram(np.abs(centres), self.bins, (0.0, bound), weights=self.hist[c])[0]
+        # Zeros are exact under any threshold, so they must not steer the choice: a ReLU output or
+        # an MNIST image is mostly zeros, and with them counted KL picks a uselessly small range.
+        mag[0] = 0
         levels = 128 if lo < 0 else 256  # magnitude levels available for this sign pattern
         best_t, best_kl = bound, np.inf
         for i in range(levels, self.bins + 1, max(1, (self.bins - levels) // 256)):

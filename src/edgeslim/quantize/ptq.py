@@ -31,7 +31,9 @@ class PTQInt8Config(TechniqueConfig):
     ``observer`` picks how activation ranges are estimated from calibration data (minmax,
     moving_average, percentile, mse, kl); ``weight_observer`` "mse" clips each weight channel to
     the range of least squared error instead of its max. ``bias_correction`` cancels the mean
-    output shift quantization causes. ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
+    output shift quantization causes. ``exclude`` keeps layers (torch module or ONNX node names)
+    in float; ``op_types`` limits quantization to those op types (``["MatMul"]`` for transformers:
+    int8 projections, float residual stream). ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
     and int8 elsewhere: on x86, ORT converts int8 activation Q/DQ pairs to uint8 only where a Q
     feeds a single DQ, so with int8 a tensor shared by two consumers (a ResNet shortcut) leaves
     its Conv unfused (measured: 45% of ResNet-20's convs on integer kernels with int8, 100% with uint8).
@@ -47,6 +49,7 @@ class PTQInt8Config(TechniqueConfig):
     per_channel: bool = True
     bias_correction: bool = False
     exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ()
     progress: bool = True
 
     def validate(self) -> None:
@@ -72,7 +75,7 @@ def quantize_static(
     batches = list(batches)
     dtype = resolve_activation_dtype(config.activation_dtype)
     folded = fold_batchnorm(fp32)
-    plan = plan_quantization(folded, exclude=config.exclude)
+    plan = plan_quantization(folded, exclude=config.exclude, op_types=config.op_types or None)
     options = {"dtype": dtype, "symmetric": config.activation_symmetric, "percentile": config.percentile}
     ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.observer, observer_options=options,
                             total=total, progress=config.progress)

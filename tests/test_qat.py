@@ -1,0 +1,179 @@
+"""Quantization-aware training: the exported int8 graph computes exactly what the fake-quant model trained.
+
+Parity tolerance: at most 1 output quantization step. Both sides use the same integer grids
+(identical scales, zero points, int8 weights and int32 biases), so they can only differ where
+float32 rounding differs: ORT requantizes int32 accumulators with a float32 multiplier
+x_s * w_s / y_s, torch sums float products and divides by y_s; a value within ~1e-6 of a
+rounding midpoint may land one step apart. In practice the outputs are bit-identical here.
+"""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import small_cnn
+from torch import nn
+
+from edgeslim import registry
+from edgeslim.data import load_digits
+from edgeslim.errors import ConfigError, ModelError
+from edgeslim.quantize import PTQInt8Config, ptq_int8
+from edgeslim.quantize.qat import (QATConfig, calibrate_qat, prepare_qat, qat_int8, quantization_aware_training,
+                                   train_qat)
+from edgeslim.runtime import inspect_optimized
+from edgeslim.runtime.ort import make_session, run
+from edgeslim.task import ModelArtifact, Task
+from edgeslim.train import train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def make_task(model: nn.Module, d, n_train: int | None = None) -> Task:
+    n = n_train or len(d.x_train)
+    return Task(model, (torch.from_numpy(d.x_train[:1]),), calibration=(d.x_train[:256], d.y_train[:256]),
+                evaluation=(d.x_test, d.y_test), train=(d.x_train[:n], d.y_train[:n]))
+
+
+def ort_accuracy(graph, d) -> float:
+    return float(np.mean(run(make_session(graph), d.x_test)[0].argmax(1) == d.y_test))
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+@pytest.fixture(scope="module")
+def cnn_runs(digits):
+    """A small Conv-BN-ReLU-MaxPool-Conv-ReLU-Flatten-Linear trained 3 epochs, then PTQ and QAT."""
+    model = train(small_cnn(), digits.x_train, digits.y_train, epochs=3, lr=3e-3, progress=False)
+    task = make_task(model, digits)
+    ptq = ptq_int8(ModelArtifact(model), PTQInt8Config(progress=False), task)
+    qat_art, qat = quantization_aware_training(ModelArtifact(model), QATConfig(progress=False), task)
+    return ptq, qat_art, qat
+
+
+def check_parity(art, qat, x: np.ndarray) -> float:
+    """ORT (ORT_ENABLE_ALL, integer kernels) vs the fake-quant torch model, in output steps."""
+    got = run(make_session(art.onnx, optimization="all"), x)[0]
+    ref = qat.simulate(x)
+    step = qat.act_quants[art.onnx.graph.output[0].name].params()[0]
+    steps = np.abs(got - ref) / step
+    assert steps.max() <= 1.0 + 1e-4
+    assert np.mean(steps < 1e-3) >= 0.99  # all but rare rounding-midpoint flips are bit-identical
+    assert inspect_optimized(art.onnx).int8_op_fraction == 1.0
+    return float(steps.max())
+
+
+def test_cnn_parity_ort_matches_fake_quant(cnn_runs, digits):
+    _, art, qat = cnn_runs
+    check_parity(art, qat, digits.x_test)  # held out: never trained or calibrated on
+    assert art.notes["qat_epochs"] == 2 and art.notes["parity_output_steps"] <= 1.0
+    # BN is folded in the returned float model and no BatchNormalization reaches the graph
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in art.torch.modules())
+    assert not any(n.op_type == "BatchNormalization" for n in art.onnx.graph.node)
+    ops = {n.op_type for n in art.onnx.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv", "Gemm"} <= ops
+
+
+def test_mlp_parity_ort_matches_fake_quant(digits):
+    model = train(mlp(), digits.x_train, digits.y_train, epochs=2, lr=3e-3, progress=False)
+    art, qat = quantization_aware_training(ModelArtifact(model), QATConfig(epochs=1, progress=False),
+                                           make_task(model, digits, n_train=512))
+    check_parity(art, qat, digits.x_test)
+    assert len(qat.weighted) == 2 and len(qat.act_quants) == 3  # input, ReLU output, logits
+
+
+def test_qat_holds_or_improves_ptq_accuracy(cnn_runs, digits):
+    ptq, art, _ = cnn_runs
+    acc_ptq, acc_qat = ort_accuracy(ptq.onnx, digits), ort_accuracy(art.onnx, digits)
+    print(f"digits small CNN on ORT int8: PTQ {acc_ptq:.4f}, QAT {acc_qat:.4f}")
+    assert acc_qat >= acc_ptq - 0.005
+    assert acc_qat > 0.85
+
+
+def snapshot(qat):
+    return {
+        "act": {k: q.params() for k, q in qat.act_quants.items()},
+        "range": {k: (float(q.lo), float(q.hi)) for k, q in qat.act_quants.items()},
+        "w": [layer.wq.scale.detach().clone() for layer in qat.weighted.values()],
+        "bn": [layer.bn.running_mean.clone() for layer in qat.weighted.values() if layer.bn is not None],
+    }
+
+
+@pytest.fixture(scope="module")
+def prepared(digits):
+    model = small_cnn()
+    task = make_task(model, digits, n_train=256)
+    qat = prepare_qat(model, task, QATConfig())
+    calibrate_qat(qat, [digits.x_train[:256]])
+    return qat, task
+
+
+@pytest.mark.parametrize("learn", [False, True])
+def test_scales_observers_and_bn_freeze(prepared, learn):
+    base, task = prepared
+    qat = copy.deepcopy(base)
+    for layer in qat.weighted.values():  # a copied QATModel keeps its own layers and quantizers
+        assert layer.input_quant in qat.act_quants.values()
+    for layer in qat.weighted.values():
+        layer.wq.learn = learn
+    config = QATConfig(epochs=2, lr=1e-3, batch_size=64, learn_scales=learn, freeze_observers_epoch=1,
+                       freeze_bn_epoch=1, progress=False)
+    snaps = [snapshot(qat)]
+    train_qat(qat, task.train, config, on_epoch_end=lambda epoch, q: snaps.append(snapshot(q)))
+    calib, ep0, ep1 = snaps
+    # epoch 0: EMA observers move the activation ranges, BN running statistics update
+    assert calib["range"] != ep0["range"] and calib["act"] != ep0["act"]
+    assert not torch.equal(calib["bn"][0], ep0["bn"][0])
+    # epoch 1: observers and BN statistics frozen
+    assert ep0["range"] == ep1["range"]
+    assert torch.equal(ep0["bn"][0], ep1["bn"][0])
+    if learn:  # LSQ keeps learning activation and weight step sizes
+        changed = [k for k in ep0["act"] if ep0["act"][k][0] != ep1["act"][k][0]]
+        assert len(changed) == len(ep0["act"])
+        assert all(ep0["act"][k][1] == ep1["act"][k][1] for k in ep0["act"])  # zero points stay fixed
+        assert not torch.equal(calib["w"][0], ep1["w"][0])
+    else:
+        assert ep0["act"] == ep1["act"]
+
+
+def test_qat_without_training_data_is_a_config_error(digits):
+    model = small_cnn()
+    task = Task(model, (torch.from_numpy(digits.x_train[:1]),), calibration=(digits.x_train[:8], digits.y_train[:8]),
+                evaluation=(digits.x_test[:8], digits.y_test[:8]))
+    with pytest.raises(ConfigError, match=r"^qat_int8: QAT needs training data \(task.train is empty\)$"):
+        qat_int8(ModelArtifact(model), QATConfig(progress=False), task)
+
+
+def test_untraceable_module_is_named(digits):
+    class Gate(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x  # data-dependent control flow: torch.fx cannot trace it
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10), Gate()).eval()
+    with pytest.raises(ModelError, match="module '2'"):
+        prepare_qat(model, make_task(model, digits, n_train=8), QATConfig())
+
+
+def test_config_round_trip_and_registration():
+    config = QATConfig(epochs=3, lr=5e-4, learn_scales=False, freeze_observers_epoch=2, activation_dtype="int8", seed=7)
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data["technique"] == "qat_int8"
+    assert QATConfig.from_dict({k: v for k, v in data.items() if k != "technique"}) == config
+    assert registry.get("qat_int8").config_type is QATConfig
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("epochs", 0), ("lr", 0.0), ("lr", float("nan")), ("batch_size", 0), ("freeze_observers_epoch", -1),
+     ("freeze_bn_epoch", -2), ("calibration_samples", 0), ("learn_scales", "yes"), ("activation_dtype", "int4")],
+)
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^step\.{field}: "):
+        QATConfig.from_dict({field: value})
