@@ -35,7 +35,10 @@ def ort_quantize_static(fp32: onnx.ModelProto, batches: Sequence, op_types: list
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "q.onnx")
         onnx.save(fp32, src)
-        quant_pre_process(str(src), str(pre))
+        try:
+            quant_pre_process(str(src), str(pre))
+        except Exception:  # its symbolic shape inference gives up on some exported transformers
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=op_types)
         return onnx.load(out)

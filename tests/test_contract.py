@@ -17,7 +17,8 @@ from conftest import small_cnn
 
 def _task(images: np.ndarray) -> Task:
     labels = np.arange(len(images)) % 10
-    return Task(small_cnn(), (torch.from_numpy(images[:1]),), calibration=(images, labels), evaluation=(images, labels))
+    return Task(small_cnn(), (torch.from_numpy(images[:1]),), calibration=(images, labels), evaluation=(images, labels),
+                train=(images, labels))
 
 
 @pytest.mark.parametrize("tech", registry.list_techniques(), ids=lambda t: t.name)

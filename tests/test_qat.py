@@ -147,6 +147,7 @@ def test_qat_without_training_data_is_a_config_error(digits):
     model = small_cnn()
     task = Task(model, (torch.from_numpy(digits.x_train[:1]),), calibration=(digits.x_train[:8], digits.y_train[:8]),
                 evaluation=(digits.x_test[:8], digits.y_test[:8]))
+    task.export = lambda module: pytest.fail("qat_int8 did work before checking for training data")
     with pytest.raises(ConfigError, match=r"^qat_int8: QAT needs training data \(task.train is empty\)$"):
         qat_int8(ModelArtifact(model), QATConfig(progress=False), task)
 

@@ -345,7 +345,12 @@ def adaround_weight_params(
             yt = torch.cat(targets[k])
             if layer.clamp is not None:
                 yt = yt.clamp(*layer.clamp)
-            learned, mse_near, mse_ada = _fit(layer, xr, yt, iterations, reg_weight, lr, gen)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # small products: one thread is fastest and the result is core-count free
+            try:
+                learned, mse_near, mse_ada = _fit(layer, xr, yt, iterations, reg_weight, lr, gen)
+            finally:
+                torch.set_num_threads(threads)
             if mse_ada > mse_near:  # keep nearest where learning did not help on these rows
                 learned = np.clip(np.round(layer.wm / layer.scale_matrix()), QMIN, QMAX)
                 mse_ada = mse_near

@@ -7,6 +7,7 @@ estimator (Bengio et al. 2013): ``round`` passes gradients unchanged, ``clamp`` 
 outside the grid. With a learnable step size the same expression yields the LSQ gradient
 (Esser et al. 2019, eq. 3): ``d x_hat / d s = round(x/s) - x/s`` inside the grid and
 ``qmin - zp`` / ``qmax - zp`` at the clip points, scaled by ``g = 1 / sqrt(N * Qp)``.
+Also here: the torch-side model surgery QAT needs (fx tracing, Conv+BN pairs and folding).
 """
 
 from __future__ import annotations

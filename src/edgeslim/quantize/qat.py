@@ -64,17 +64,12 @@ class QATConfig(TechniqueConfig):
     progress: bool = True
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr: must be a positive number, got {self.lr}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
-        for name in ("freeze_observers_epoch", "freeze_bn_epoch"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}: must be >= 0 (an epoch index), got {getattr(self, name)}")
-        if self.calibration_samples < 1:
-            raise ConfigError(f"calibration_samples: must be >= 1, got {self.calibration_samples}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("freeze_observers_epoch", 0), ("freeze_bn_epoch", 0),
+                          ("calibration_samples", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
 
 
 @dataclass
@@ -163,9 +158,11 @@ def _match_tensors(fp32: onnx.ModelProto, plan: QuantPlan, gm: fx.GraphModule, x
     found: dict[str, fx.Node] = {}
     for name in plan.calibrated:
         cands = [n for n, v in fx_vals.items() if n not in used and _close(v, onnx_vals[name])]
+        producer = producers.get(name)
         if not cands:
-            raise ModelError(f"qat_int8: exported tensor {name!r} (planned for int8) has no counterpart in the torch.fx graph")
-        scope = _onnx_scope(producers.get(name))
+            op = f"output of ONNX {producer.op_type} {producer.name!r}" if producer is not None else "graph input"
+            raise ModelError(f"qat_int8: int8 tensor {name!r} ({op}) has no counterpart in the torch.fx graph")
+        scope = _onnx_scope(producer)
         best = next((n for n in cands if scope is not None and node_scope(n) == scope), cands[0])
         found[name] = best
         used.add(best)
