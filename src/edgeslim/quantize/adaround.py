@@ -44,8 +44,7 @@ QMIN, QMAX = -127, 127  # symmetric int8 weights, as lower_qdq writes them
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2  # β annealing and warm-up fraction (§3.2)
 POOL_ROWS = 4096  # sampled rows (output positions / samples) per layer
 POOL_FLOATS = 1 << 24  # cap on the stored input rows of one layer (64 MiB of float32)
-BATCH_ROWS = 512
-NORM = 0  # rows per optimisation step
+BATCH_ROWS = 512  # rows per optimisation step
 
 WeightParams = dict[str, tuple[np.ndarray, np.ndarray]]
 
@@ -68,7 +67,8 @@ class _Layer:
 
     def scale_matrix(self) -> np.ndarray:
         s = np.asarray(self.scale, dtype=np.float32)
-        return np.broadcast_to(s.reshape(-1) if s.ndim else s, (self.out_features,)).reshape(self.wm.shape[:2] + (1,))
+        full = np.broadcast_to(s.reshape(-1) if s.ndim else s, (self.out_features,))
+        return np.array(full, dtype=np.float32).reshape(self.wm.shape[:2] + (1,))
 
     def to_onnx(self, qm: np.ndarray) -> np.ndarray:
         """Integer weights in matrix form back to the ONNX weight layout."""
@@ -209,7 +209,7 @@ def _recon(layer: _Layer, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, chu
 def _fit(layer: _Layer, x: torch.Tensor, y: torch.Tensor, iterations: int, reg_weight: float, lr: float,
          gen: torch.Generator) -> tuple[np.ndarray, float, float]:
     """Learn the rounding of one layer; returns (integer weights in matrix form, loss nearest, loss learned)."""
-    s = torch.from_numpy(np.ascontiguousarray(layer.scale_matrix()))
+    s = torch.from_numpy(layer.scale_matrix())
     ws = torch.from_numpy(layer.wm) / s
     floor = torch.floor(ws)
     nearest = torch.clamp(torch.round(ws), QMIN, QMAX)
@@ -218,16 +218,14 @@ def _fit(layer: _Layer, x: torch.Tensor, y: torch.Tensor, iterations: int, reg_w
     v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1.0)).requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr)
     warm = int(WARMUP * iterations)
-    rec0 = _recon(layer, x, y, s * nearest) if NORM else 1.0
-    nw = float(v.numel()) if NORM == 2 else 1.0
     for it in range(iterations):
         idx = torch.randint(0, len(x), (min(BATCH_ROWS, len(x)),), generator=gen)
         h = rectified_sigmoid(v)
         w_soft = s * torch.clamp(floor + h, QMIN, QMAX)  # Eq. 22
-        loss = ((_forward(layer, x[idx], w_soft) - y[idx]) ** 2).sum(1).mean() / rec0
+        loss = ((_forward(layer, x[idx], w_soft) - y[idx]) ** 2).sum(1).mean()
         if it >= warm:  # f_reg (Eq. 24) with β annealed linearly from 20 to 2 after the warm-up
             beta = BETA_START + (BETA_END - BETA_START) * (it - warm) / max(1, iterations - warm - 1)
-            loss = loss + reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum() / nw
+            loss = loss + reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -33,6 +33,7 @@ class QuantPlan:
     weighted: list[int] = field(default_factory=list)  # indices of Conv/Gemm/MatMul nodes to quantize
     tensors: list[str] = field(default_factory=list)  # in topological order
     same_as: dict[str, str] = field(default_factory=dict)  # output tensor -> tensor whose params it reuses
+    kept_float: list[int] = field(default_factory=list)  # excluded weighted nodes: they read float inputs
 
     @property
     def calibrated(self) -> list[str]:
@@ -130,8 +131,9 @@ def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = (),
 
     for index, node in enumerate(graph.node):
         op = node.op_type
-        if (op in WEIGHTED_OPS and wanted(op) and not {node.name, layer_name(node)} & set(exclude)
-                and _weight_ok(node, inits)):
+        if op in WEIGHTED_OPS and {node.name, layer_name(node)} & set(exclude):
+            plan.kept_float.append(index)
+        elif op in WEIGHTED_OPS and wanted(op) and _weight_ok(node, inits):
             plan.weighted.append(index)
             add(node.input[0])
             if allowed is not None and op == "MatMul":
@@ -296,9 +298,16 @@ def lower_qdq(
         q = helper.make_node("QuantizeLinear", [src, s, z], [f"{name}.q"], name=f"{name}.Q")
         dq = helper.make_node("DequantizeLinear", [f"{name}.q", s, z], [dst], name=f"{name}.DQ")
         new_nodes.setdefault(src, []).extend([q, dq])
-    for node in graph.node:
+    kept_float = set(plan.kept_float)
+    quantized = set(plan.tensors)
+    for index, node in enumerate(graph.node):
         for i, name in enumerate(node.input):
-            if name in rename_in:
+            if index in kept_float:
+                # A layer kept in float reads the float tensor, even where the tensor is quantized
+                # for its other consumers (q, k and v share one LayerNorm output).
+                if name in quantized and name not in graph_inputs:
+                    node.input[i] = f"{name}.f"
+            elif name in rename_in:
                 node.input[i] = rename_in[name]
 
     # Rebuild the node list in topological order: inserted Q/DQ right after their producer.
