@@ -29,8 +29,8 @@ from _common import finish, parser  # noqa: E402
 from _peers import nncf_quantize, ort_quantize_dynamic, ort_quantize_static  # noqa: E402
 
 from edgeslim.quantize import (  # noqa: E402
-    DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, WeightOnlyConfig, quantize_dynamic_graph,
-    quantize_static, quantize_weight_only_graph,
+    DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, QATConfig, WeightOnlyConfig, qat_int8,
+    quantize_dynamic_graph, quantize_static, quantize_weight_only_graph,
 )
 from edgeslim.quantize.mixed import mixed_precision  # noqa: E402
 from edgeslim.runtime import compare_latency, inspect_optimized, make_session, run  # noqa: E402
@@ -90,6 +90,8 @@ def cnn_rows(args) -> list[dict]:
     task = build_task(recipe)
     fp32 = task.export(task.model)
     calib = [x for x, _ in task.calibration_batches(32, limit=512)]
+    # QAT fine-tunes one epoch on at most 8,000 training images (what 2 cores manage in minutes).
+    qat_task = dataclasses.replace(task, train=(task.train[0][:8000], task.train[1][:8000]))
 
     def ours(**kw) -> Method:
         return lambda: quantize_static(fp32, calib, PTQInt8Config(progress=False, **kw))
@@ -104,6 +106,8 @@ def cnn_rows(args) -> list[dict]:
         "edgeslim_ptq_mse": ours(observer="mse", weight_observer="mse"),
         "edgeslim_ptq_kl": ours(observer="kl"),
         "edgeslim_ptq_mse_biascorr": ours(observer="mse", weight_observer="mse", bias_correction=True),
+        "edgeslim_qat": lambda: qat_int8(ModelArtifact(task.model), QATConfig(epochs=1, lr=1e-4, progress=False),
+                                         qat_task).onnx,
         "edgeslim_mixed_precision": lambda: mixed_precision(
             ModelArtifact(task.model), MixedPrecisionConfig(max_drop=0.0005, ptq=PTQInt8Config(progress=False)), task).onnx,
     }

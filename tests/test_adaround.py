@@ -165,8 +165,6 @@ def _check_rows_reproduce_outputs(model: onnx.ModelProto, x: np.ndarray) -> None
     for node in nodes:
         layer = ada._layer(model, node, inits, True, None)
         xin, y = outs[node.input[0]], outs[node.output[0]]
-        if layer.conv == {}:
-            layer.conv = ada._conv_geometry(node, layer.w, xin.shape)
         pick = np.arange(ada._positions(layer, y))
         rows = torch.from_numpy(ada._rows(layer, xin, pick))
         got = ada._forward(layer, rows, torch.from_numpy(layer.wm)).numpy()
@@ -203,3 +201,16 @@ def test_gemm_without_transb_and_matmul_on_3d_input():
          numpy_helper.from_array(np.array([-1, 5, 4]), "shape3")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     _check_rows_reproduce_outputs(model, rng.standard_normal((2, 5, 6)).astype(np.float32))
+
+
+@pytest.mark.parametrize("auto_pad,kernel", [("SAME_UPPER", 3), ("SAME_LOWER", 2)])
+def test_conv_auto_pad(auto_pad, kernel):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 2, kernel, kernel)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", auto_pad=auto_pad, strides=[2, 2])],
+        "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 7, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    _check_rows_reproduce_outputs(model, rng.standard_normal((2, 2, 7, 8)).astype(np.float32))

@@ -142,7 +142,7 @@ def _layer(model: onnx.ModelProto, node: onnx.NodeProto, inits: Mapping[str, onn
     if node.op_type == "Conv":
         if w.ndim not in (3, 4):
             return None  # 3-D convolutions keep their nearest rounding
-        conv = {}  # geometry filled in from the first input seen (auto_pad needs its size)
+        conv = {}  # geometry filled in by _rows
         groups = int(_attrs(node).get("group", 1))
         wm = w.reshape(groups, w.shape[0] // groups, -1)
     else:
@@ -154,6 +154,8 @@ def _rows(layer: _Layer, x: np.ndarray, pick: np.ndarray) -> np.ndarray:
     """Input rows (m, G, K) of the sampled outputs ``pick`` (flat indices over batch × positions)."""
     if layer.conv is None:
         return x.reshape(-1, x.shape[-1])[pick][:, None, :].astype(np.float32)
+    if layer.conv == {}:  # geometry, from the first input seen (auto_pad needs its size)
+        layer.conv = _conv_geometry(layer.node, layer.w, x.shape)
     g = layer.conv
     if x.ndim == 3:
         x = x[:, :, None, :]
@@ -276,7 +278,8 @@ def adaround_weight_params(
     from the float graph. ``base_params`` gives scales to keep (e.g. MSE-clipped ones). A layer
     whose learned rounding does not lower its reconstruction error on the sampled rows keeps
     nearest rounding. ``stats``, if given, receives ``{node_name: (mse_nearest, mse_adaround)}``.
-    Deterministic for a fixed ``seed`` (and torch thread count).
+    Deterministic for a fixed ``seed``: the steps run on one torch thread (fastest for these
+    small products, and independent of the core count).
     """
     if iterations < 1:
         raise ConfigError(f"adaround: iterations must be >= 1, got {iterations}")
@@ -304,23 +307,24 @@ def adaround_weight_params(
 
     # Float pass: the targets f_a(W x) at sampled rows, drawn once per layer and batch.
     rng = np.random.default_rng(seed)
-    fp = _session(folded, [t for n, _ in active for t in (n.output[0], n.input[0])])
+    graph_inputs = {i.name for i in graph.input}
+    wanted = [n.output[0] for n, _ in active] + ([] if asymmetric else [n.input[0] for n, _ in active])
+    fp = _session(folded, [t for t in wanted if t not in graph_inputs])
     picks: list[list[np.ndarray]] = [[] for _ in active]
-    targets: list[list[np.ndarray]] = [[] for _ in active]
+    targets: list[list[torch.Tensor]] = [[] for _ in active]
     fp_rows: list[list[np.ndarray]] = [[] for _ in active]
     per_batch = [min(POOL_ROWS, POOL_FLOATS // max(1, lay.wm.shape[0] * lay.wm.shape[2])) for _, lay in active]
     for x in batches:
-        outs = dict(zip([o.name for o in fp.get_outputs()], fp.run(None, input_feed(fp, x))))
+        feed = input_feed(fp, x)
+        outs = {**feed, **dict(zip([o.name for o in fp.get_outputs()], fp.run(None, feed)))}
         for k, (node, layer) in enumerate(active):
-            xin, y = outs[node.input[0]], outs[node.output[0]]
-            if layer.conv == {}:  # Conv geometry, once
-                layer.conv = _conv_geometry(node, layer.w, xin.shape)
+            y = outs[node.output[0]]
             count = _positions(layer, y)
             pick = np.sort(rng.choice(count, size=min(count, -(-per_batch[k] // len(batches))), replace=False))
             picks[k].append(pick)
             targets[k].append(torch.from_numpy(_targets(layer, y, pick)))
             if not asymmetric:
-                fp_rows[k].append(_rows(layer, xin, pick))
+                fp_rows[k].append(_rows(layer, outs[node.input[0]], pick))
     del fp
 
     gen = torch.Generator().manual_seed(seed)

@@ -8,7 +8,7 @@ the rest, which a per-tensor int8 grid would otherwise have to cover:
   ``X W = (X diag(s)^-1)(diag(s) W)``. 1/s is folded into the LayerNormalization that produces X.
 * :func:`equalize_cross_layer` (cross-layer equalization, Nagel et al., ICCV 2019, "Data-Free
   Quantization", §4.1) equalizes the per-channel weight ranges of Conv1 -> ReLU -> Conv2 pairs
-  using ``ReLU(x / s) = ReLU(x) / s`` for ``s > 0``: ``s_i = sqrt(r1_i * r2_i) / r2_i`` (Eq. 10).
+  using ``ReLU(x / s) = ReLU(x) / s`` for ``s > 0``: ``s_i = sqrt(r1_i * r2_i) / r2_i``.
 
 Both run on a float ONNX graph after :func:`~edgeslim.quantize.fold.fold_batchnorm` and before
 :func:`~edgeslim.quantize.lower.plan_quantization`.
@@ -47,7 +47,6 @@ class _Graph:
         self.outputs = {o.name for o in self.graph.output}
         self.constants = {n.output[0]: n for n in self.graph.node if n.op_type == "Constant"}
         self.inserts: dict[str, list[onnx.NodeProto]] = {}
-        self.dropped: set[str] = set()
         self.read_before = set(self.users)
 
     def array(self, name: str) -> np.ndarray | None:
@@ -91,17 +90,12 @@ class _Graph:
         """Queue ``nodes`` to go right after ``anchor`` (at the front for a graph input); see finish."""
         self.inserts.setdefault(anchor.output[0] if anchor is not None else "", []).extend(nodes)
 
-    def remove(self, node: onnx.NodeProto) -> None:
-        self.dropped.add(node.output[0])
-
     def finish(self) -> None:
-        """Apply queued inserts/removals in one rebuild (rebuilding detaches node references, so
-        all edits through references happen before), keeping the node list topological; drop
-        initializers the rewrite left unread."""
+        """Apply queued inserts in one rebuild (it detaches node references, so every edit through
+        a reference comes first), keeping the order topological; drop initializers left unread."""
         ordered = list(self.inserts.get("", []))
         for node in list(self.graph.node):
-            if node.output[0] not in self.dropped:
-                ordered.append(node)
+            ordered.append(node)
             ordered.extend(self.inserts.get(node.output[0], []))
         del self.graph.node[:]
         self.graph.node.extend(ordered)
@@ -130,14 +124,6 @@ def _spread(values: np.ndarray, how: Callable[[np.ndarray], float]) -> float:
 
 
 # ------------------------------------------------------------------------------------ SmoothQuant
-@dataclass
-class _SmoothGroup:
-    """MatMuls (or Gemms) that read the same activation ``x`` and share one smoothing vector."""
-
-    x: str
-    nodes: list[onnx.NodeProto]
-
-
 def _weight_rows(node: onnx.NodeProto, w: np.ndarray) -> np.ndarray:
     """The weight as (K, N), rows = input channels: Gemm with transB stores it as (N, K)."""
     return w.T if node.op_type == "Gemm" and _attr(node, "transB", 0) else w
@@ -152,22 +138,17 @@ def _smoothable(node: onnx.NodeProto, x: str, g: _Graph) -> bool:
     return node.op_type == "MatMul" and w is not None and w.ndim == 2
 
 
-def _smooth_groups(model: onnx.ModelProto) -> list[_SmoothGroup]:
+def _smooth_groups(model: onnx.ModelProto) -> list[tuple[str, list[onnx.NodeProto]]]:
+    """(X, the MatMuls/Gemms reading X with a constant weight): each group shares one s."""
     g = _Graph(model)
-    groups = []
-    for x, readers in g.users.items():
-        if x in g.inits:
-            continue
-        nodes = [n for n in readers if n.op_type in ("MatMul", "Gemm") and _smoothable(n, x, g)]
-        if nodes:
-            groups.append(_SmoothGroup(x, nodes))
-    return groups
+    groups = [(x, [n for n in readers if n.op_type in ("MatMul", "Gemm") and _smoothable(n, x, g)])
+              for x, readers in g.users.items() if x not in g.inits]
+    return [(x, nodes) for x, nodes in groups if nodes]
 
 
-def _observe_maxima(model: onnx.ModelProto, groups: list[_SmoothGroup], batches: Iterable,
-                    progress: bool) -> dict[str, np.ndarray]:
+def _observe_maxima(model: onnx.ModelProto, groups: list, batches: Iterable, progress: bool) -> dict[str, np.ndarray]:
     """Per-channel ``max|X_j|`` over the last axis of every group input, on the float graph."""
-    ranges = collect_ranges(model, [gr.x for gr in groups], batches, observer="minmax",
+    ranges = collect_ranges(model, [x for x, _ in groups], batches, observer="minmax",
                             observer_options={"axis": -1}, progress=progress)
     return {x: np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
             for x, (lo, hi) in ranges.items()}
@@ -189,27 +170,25 @@ def _apply_smoothing(model: onnx.ModelProto, maxima: dict[str, np.ndarray], alph
     out = _copy(model)
     g = _Graph(out)
     stats: dict = {"alpha": alpha, "layers": {}, "skipped": {}, "ops_added": 0}
-    for group in _smooth_groups(out):
-        names = [n.name or n.output[0] for n in group.nodes]
-        mx = maxima.get(group.x)
-        ws = [_weight_rows(n, g.array(n.input[1])) for n in group.nodes]
+    for x, nodes in _smooth_groups(out):
+        names = [n.name or n.output[0] for n in nodes]
+        mx = maxima.get(x)
+        ws = [_weight_rows(n, g.array(n.input[1])) for n in nodes]
         if mx is None or any(w.shape[0] != mx.size for w in ws):
-            stats["skipped"].update({n: f"input {group.x!r} was not observed with {ws[0].shape[0]} channels"
-                                     for n in names})
+            stats["skipped"].update({n: f"input {x!r} was not observed with {ws[0].shape[0]} channels" for n in names})
             continue
-        others = [u for u in g.users.get(group.x, []) if all(u is not n for n in group.nodes)]
-        shared = bool(others) or group.x in g.outputs
-        ln = _foldable_layernorm(group.x, g, mx.size)
+        others = [u for u in g.users.get(x, []) if all(u is not n for n in nodes)]
+        shared = bool(others) or x in g.outputs
+        ln = _foldable_layernorm(x, g, mx.size)
         if ln is not None and (not shared or copy_shared):
             how = "layernorm_copy" if shared else "layernorm"
         elif not fold_only:
             how = "mul"
         else:
-            producer = g.producers.get(group.x)
-            why = (f"{producer.op_type} output {group.x!r} also feeds {others[0].op_type if others else 'a graph output'}"
+            producer = g.producers.get(x)
+            why = (f"{producer.op_type} output {x!r} also feeds {others[0].op_type if others else 'a graph output'}"
                    if ln is not None else
-                   f"input {group.x!r} comes from {producer.op_type if producer else 'the graph input'}, "
-                   "which cannot absorb 1/s")
+                   f"input {x!r} comes from {producer.op_type if producer else 'the graph input'}, which cannot absorb 1/s")
             stats["skipped"].update({n: why + " (fold_only=True)" for n in names})
             continue
         # SmoothQuant Eq. 4, one s for the group: max|W_j| over the rows of all weights (q, k, v).
@@ -218,11 +197,11 @@ def _apply_smoothing(model: onnx.ModelProto, maxima: dict[str, np.ndarray], alph
         s = np.ones_like(mx)
         s[live] = mx[live] ** alpha / wmax[live] ** (1.0 - alpha)
         s = np.clip(s, _S_MIN, _S_MAX)
-        for node, w in zip(group.nodes, ws):  # W' = diag(s) W
-            g.put(node, 1, _weight_rows(node, w * s[:, None]), "smooth")  # (K, N) back to the stored layout
-        new_x = _fold_inverse(group, ln if how != "mul" else None, how, s, g)
+        for node, w in zip(nodes, ws):  # W' = diag(s) W, back in the stored layout
+            g.put(node, 1, _weight_rows(node, w * s[:, None]), "smooth")
+        new_x = _fold_inverse(x, nodes, ln, how, s, g)
         stats["ops_added"] += how != "layernorm"
-        entry = {"input": group.x, "smoothed_input": new_x, "fold": how, "group": names,
+        entry = {"input": x, "smoothed_input": new_x, "fold": how, "group": names,
                  "act_ratio_before": _spread(mx, np.median), "act_ratio_after": _spread(mx / s, np.median),
                  "weight_ratio_before": _spread(wmax, np.median), "weight_ratio_after": _spread(wmax * s, np.median)}
         stats["layers"].update({n: entry for n in names})
@@ -230,28 +209,25 @@ def _apply_smoothing(model: onnx.ModelProto, maxima: dict[str, np.ndarray], alph
     return out, stats
 
 
-def _fold_inverse(group: _SmoothGroup, ln: onnx.NodeProto | None, how: str, s: np.ndarray, g: _Graph) -> str:
+def _fold_inverse(x: str, nodes: list, ln: onnx.NodeProto | None, how: str, s: np.ndarray, g: _Graph) -> str:
     """Make the group's MatMuls read X / s; returns the name of that tensor."""
-    if how == "layernorm":  # LN(x) / s = (gamma / s) * norm(x) + beta / s
+    if how == "mul":  # an explicit Mul by 1/s: one extra elementwise op on the activation
+        target = helper.make_node("Mul", [x, g.add(1.0 / s, f"{x}.smooth_inv_s")], [g.fresh(f"{x}.smooth")],
+                                  name=f"{x}.smooth_Mul")
+        g.insert_after(g.producers.get(x), [target])
+    else:  # LN(x) / s = (gamma / s) * norm(x) + beta / s
         target = ln
-    elif how == "layernorm_copy":  # a private LN for the MatMuls; other readers keep the original
-        target = onnx.NodeProto()
-        target.CopyFrom(ln)
-        target.name = f"{ln.name or ln.output[0]}.smooth"
-        del target.output[:]
-        target.output.append(g.fresh(f"{group.x}.smooth"))
-        g.insert_after(ln, [target])
-    else:  # an explicit Mul by 1/s: one extra elementwise op on the activation
-        inv = g.add(1.0 / s, f"{group.x}.smooth_inv_s")
-        target = helper.make_node("Mul", [group.x, inv], [g.fresh(f"{group.x}.smooth")], name=f"{group.x}.smooth_Mul")
-        g.insert_after(g.producers.get(group.x), [target])
-        for node in group.nodes:
-            node.input[0] = target.output[0]
-        return target.output[0]
-    for index in (1, 2):
-        if len(target.input) > index and target.input[index]:
-            g.put(target, index, g.array(target.input[index]) / s, "smooth")
-    for node in group.nodes:
+        if how == "layernorm_copy":  # a private LN for the MatMuls; other readers keep the original
+            target = onnx.NodeProto()
+            target.CopyFrom(ln)
+            target.name = f"{ln.name or ln.output[0]}.smooth"
+            del target.output[:]
+            target.output.append(g.fresh(f"{x}.smooth"))
+            g.insert_after(ln, [target])
+        for index in (1, 2):
+            if len(target.input) > index and target.input[index]:
+                g.put(target, index, g.array(target.input[index]) / s, "smooth")
+    for node in nodes:
         node.input[0] = target.output[0]
     return target.output[0]
 
@@ -298,8 +274,7 @@ def search_alpha(model: onnx.ModelProto, batches: Iterable, eval_fn: Callable[[o
     """The alpha in ``alphas`` whose smoothed graph gets the highest ``eval_fn`` score.
 
     SmoothQuant's alpha trades activation against weight difficulty and its best value is
-    model-dependent (Xiao et al. 2023, §4.2: 0.5 for OPT/BLOOM, up to 0.75-0.85 for GLM/Llama),
-    so it is searched. ``eval_fn`` receives each smoothed float graph and returns a score where
+    model-dependent (Xiao et al. 2023 use 0.5 for OPT/BLOOM and 0.75 for GLM-130B), so it is searched. ``eval_fn`` receives each smoothed float graph and returns a score where
     higher is better (typically: quantize it, evaluate, return cosine or accuracy). Activation
     maxima are observed once and reused for every alpha. Ties go to the earlier alpha.
     """
@@ -320,17 +295,20 @@ def search_alpha(model: onnx.ModelProto, batches: Iterable, eval_fn: Callable[[o
 # --------------------------------------------------------------------------- cross-layer equalization
 @dataclass
 class _Pair:
-    """Conv1 -> activation chain -> Conv2, where only Conv2 reads Conv1's (activated) output."""
+    """Conv1 -> activation chain -> Conv2, where only Conv2 reads Conv1's (activated) output;
+    ``bound``: the per-channel upper clip (ReLU6: 6) to rescale with the channels."""
 
     conv1: onnx.NodeProto
     conv2: onnx.NodeProto
     acts: list[onnx.NodeProto]
-    bound: np.ndarray | None  # per-channel upper clip (ReLU6: 6) to rescale with the channels
+    bound: np.ndarray | None
 
 
 def _clip_bounds(node: onnx.NodeProto, g: _Graph) -> tuple[float, float] | None:
-    """(min, max) of a Clip with constant bounds (opset >= 11 inputs or opset-6 attributes)."""
-    lo, hi = _attr(node, "min", -math.inf), _attr(node, "max", math.inf)
+    """(min, max) of an opset >= 11 Clip with constant bounds (None for opset-6 attribute Clips)."""
+    lo, hi = -math.inf, math.inf
+    if node.attribute:
+        return None
     for index in (1, 2):
         if len(node.input) > index and node.input[index]:
             value = g.array(node.input[index])
@@ -405,7 +383,7 @@ def equalize_cross_layer(model: onnx.ModelProto, iterations: int = 1, *,
     For each Conv1 -> (Relu | Clip(0, c)) -> Conv2 pair where Conv2 is Conv1's only reader (also
     no activation; Conv1 and/or Conv2 may be grouped/depthwise), with ``r1_i = max|W1[i]|``
     (Conv1 output channel i) and ``r2_i = max|W2 entries reading input channel i|``, set
-    ``s_i = sqrt(r1_i * r2_i) / r2_i`` (Eq. 10) and ``W1[i] /= s_i``, ``b1[i] /= s_i``,
+    ``s_i = sqrt(r1_i * r2_i) / r2_i`` (§4.1) and ``W1[i] /= s_i``, ``b1[i] /= s_i``,
     ``W2[:, i] *= s_i``: both channels then have range ``sqrt(r1_i r2_i)``, which a per-tensor
     weight grid resolves far better. ReLU(x / s) = ReLU(x) / s keeps the output exact. For a
     depthwise Conv2, input channel i is read only by its output channel i, so that channel's
@@ -429,8 +407,7 @@ def equalize_cross_layer(model: onnx.ModelProto, iterations: int = 1, *,
         raise ConfigError(f"relu6: must be 'bound', 'skip' or 'relu', got {relu6!r}")
     out = _copy(model)
     g = _Graph(out)
-    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 18)
-    pairs, skipped = _cle_pairs(g, relu6 if opset >= 11 or relu6 != "bound" else "skip")  # bounds as inputs
+    pairs, skipped = _cle_pairs(g, relu6)
     weights: dict[str, np.ndarray] = {}
     for p in pairs:
         for conv in (p.conv1, p.conv2):
@@ -452,7 +429,7 @@ def equalize_cross_layer(model: onnx.ModelProto, iterations: int = 1, *,
             r2 = np.moveaxis(np.abs(w2), 2, 1).reshape(group * w2.shape[2], -1).max(axis=1)
             live = (r1 > 0) & (r2 > 0)
             s = np.ones_like(r1)
-            s[live] = np.sqrt(r1[live] * r2[live]) / r2[live]  # Eq. 10
+            s[live] = np.sqrt(r1[live] * r2[live]) / r2[live]  # §4.1: both ranges become sqrt(r1 r2)
             expand = (-1,) + (1,) * (w1.ndim - 1)
             weights[p.conv1.input[1]] = w1 / s.reshape(expand)
             if len(p.conv1.input) > 2 and p.conv1.input[2]:
@@ -480,22 +457,13 @@ def _rewrite_bound(p: _Pair, scale: np.ndarray, g: _Graph, relu6: str) -> int:
     if p.bound is None:
         return 0
     clip = p.acts[0]
-    if relu6 == "relu":
+    if relu6 == "relu" and len(p.acts) == 1:
         clip.op_type = "Relu"
         del clip.input[1:]
-        del clip.attribute[:]
-        if len(p.acts) > 1:  # drop a Min left by an earlier "bound" pass: Conv2 reads the Relu
-            p.conv2.input[0] = clip.output[0]
-            g.remove(p.acts[1])
         return 0
     bound = p.bound / scale  # clip(x, 0, c) / s = clip(x / s, 0, c / s)
     tag = clip.name or clip.output[0]
     shape = (-1,) + (1,) * (len(g.inits[p.conv1.input[1]].dims) - 2)
-    if len(clip.input) < 3 or not clip.input[2]:  # opset-6 attributes -> opset-11 inputs
-        del clip.attribute[:]
-        clip.input.extend([""] * (3 - len(clip.input)))
-        clip.input[1] = g.add(np.array(0.0), f"{tag}.cle_min")
-        clip.input[2] = g.add(np.array(0.0), f"{tag}.cle_max")
     g.put(clip, 2, np.array(bound.max()), "cle")  # the scalar Clip keeps the fused Conv+Clip range
     if len(p.acts) > 1:  # a Min from an earlier pass: rescale its bound
         g.put(p.acts[1], 1, bound.reshape(shape), "cle")

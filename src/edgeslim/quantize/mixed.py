@@ -1,8 +1,9 @@
 """Accuracy-aware mixed precision: int8 everywhere except the fewest layers the budget requires.
 
 Answers "accuracy collapsed and I don't know which layer": every weighted layer is quantized
-alone and measured (metric and output SQNR on ONNX Runtime's integer kernels); then layers are
-returned to float, most sensitive first, until the metric is within ``max_drop`` of fp32. The
+alone and measured (metric and output SQNR on ONNX Runtime's integer kernels); then the smallest
+number k of most-sensitive layers returned to float that brings the metric within ``max_drop`` of
+fp32 is found by binary search. The
 per-layer table is written beside the stage's model as ``sensitivity.md`` / ``sensitivity.json``.
 """
 
@@ -112,17 +113,32 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
                       f"SQNR {rows[-1]['sqnr_db']:.1f} dB")
     # Most sensitive first: largest metric drop, then lowest SQNR.
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["drop_alone"], rows[i]["sqnr_db"]))
-    float_layers: set[str] = set()
-    graph = lower(float_layers)
-    score = ev.score(ev.outputs(graph))
-    for i in order:
-        if base - score <= config.max_drop:
-            break
-        float_layers.add(rows[i]["layer"])
+    cache: dict[int, tuple[float, onnx.ModelProto]] = {}
+
+    def trial(k: int) -> tuple[float, onnx.ModelProto]:
+        """Metric with the ``k`` most sensitive layers in float (memoised)."""
+        if k not in cache:
+            graph = lower({rows[i]["layer"] for i in order[:k]})
+            cache[k] = (ev.score(ev.outputs(graph)), graph)
+            console.print(f"  {k} layer(s) in float: {task.metric_name} {cache[k][0]:.4f} (fp32 {base:.4f})")
+        return cache[k]
+
+    # Binary search for the smallest k that meets the budget, assuming that returning more of the
+    # most sensitive layers to float does not hurt (log2(n) evaluations instead of n).
+    lo, hi = 0, len(order)
+    if base - trial(0)[0] <= config.max_drop:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if base - trial(mid)[0] <= config.max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    k = hi
+    score, graph = trial(k)
+    float_layers = {rows[i]["layer"] for i in order[:k]}
+    for i in order[:k]:
         rows[i]["precision"] = "fp32"
-        graph = lower(float_layers)
-        score = ev.score(ev.outputs(graph))
-        console.print(f"  {len(float_layers)} layer(s) in float: {task.metric_name} {score:.4f} (fp32 {base:.4f})")
     met = base - score <= config.max_drop
     summary = (f"fp32 {task.metric_name} {base:.4f}; mixed {score:.4f} (drop {base - score:+.4f}, budget "
                f"{config.max_drop}); {len(float_layers)} of {len(rows)} layers kept in float"
