@@ -106,6 +106,7 @@ def cnn_rows(args) -> list[dict]:
         "edgeslim_ptq_mse": ours(observer="mse", weight_observer="mse"),
         "edgeslim_ptq_kl": ours(observer="kl"),
         "edgeslim_ptq_mse_biascorr": ours(observer="mse", weight_observer="mse", bias_correction=True),
+        "edgeslim_ptq_mse_adaround": ours(observer="mse", weight_observer="mse", adaround=True),
         "edgeslim_qat": lambda: qat_int8(ModelArtifact(task.model), QATConfig(epochs=1, lr=1e-4, progress=False),
                                          qat_task).onnx,
         "edgeslim_mixed_precision": lambda: mixed_precision(

@@ -159,7 +159,8 @@ def _check_rows_reproduce_outputs(model: onnx.ModelProto, x: np.ndarray) -> None
     plan = plan_quantization(model)
     inits = {i.name: i for i in model.graph.initializer}
     nodes = [model.graph.node[i] for i in plan.weighted]
-    sess = session(model, [t for n in nodes for t in (n.input[0], n.output[0])], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    names = [t for n in nodes for t in (n.input[0], n.output[0])]
+    sess = session(model, names, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
     assert nodes
     for node in nodes:
@@ -176,8 +177,10 @@ def _check_rows_reproduce_outputs(model: onnx.ModelProto, x: np.ndarray) -> None
 
 def test_conv_geometry_strides_groups_dilation_1d():
     torch.manual_seed(0)
-    net2d = nn.Sequential(nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
-                          nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(0, 1)), nn.Flatten(), nn.Linear(6 * 5 * 3, 5)).eval()
+    net2d = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=2), nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8),
+        nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(0, 1)), nn.Flatten(), nn.Linear(6 * 5 * 3, 5),
+    ).eval()
     x = torch.rand(3, 4, 11, 9)
     _check_rows_reproduce_outputs(export_onnx(net2d, (x,)), x.numpy())
     net1d = nn.Sequential(nn.Conv1d(3, 5, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(5 * 6, 4)).eval()
@@ -196,7 +199,8 @@ def test_gemm_without_transb_and_matmul_on_3d_input():
          helper.make_node("MatMul", ["g3", "wm"], ["y"], name="mm")],
         "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 5, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(w_gemm, "wg"), numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bg"),
+        [numpy_helper.from_array(w_gemm, "wg"),
+         numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bg"),
          numpy_helper.from_array(w_mm, "wm"), numpy_helper.from_array(np.array([-1, 6]), "shape2"),
          numpy_helper.from_array(np.array([-1, 5, 4]), "shape3")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

@@ -219,3 +219,40 @@ def test_observers_on_a_known_distribution():
     per_channel.update(np.array([[1.0, -2.0], [3.0, 0.5]], np.float32))
     lo, hi = per_channel.range()
     assert lo.tolist() == [1.0, -2.0] and hi.tolist() == [3.0, 0.5]
+
+
+def test_embedding_rows_are_int8_and_decode_exactly():
+    from edgeslim.quantize.embedding import quantize_embeddings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(200, 16), torch.nn.Flatten(), torch.nn.Linear(16 * 5, 3)).eval()
+    ids = torch.randint(0, 200, (4, 5))
+    fp32 = export_onnx(model, (ids,))
+    q = quantize_embeddings(fp32)
+    table = next(i for i in q.graph.initializer if i.name.endswith(".int8"))
+    scale = numpy_helper.to_array(next(i for i in q.graph.initializer if i.name.endswith(".row_scale")))
+    assert table.data_type == TensorProto.INT8 and list(table.dims) == [200, 16]
+    # ORT's output equals the float model evaluated on the dequantized table, exactly
+    deq = numpy_helper.to_array(table).astype(np.float32) * scale
+    with torch.no_grad():
+        model[0].weight.copy_(torch.from_numpy(deq))
+        ref = model(ids).numpy()
+    got = run(q, ids.numpy())
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    # the table shrinks 4x, plus one float scale per row
+    assert table.ByteSize() + scale.nbytes < 0.32 * 200 * 16 * 4
+
+
+def test_adaround_through_the_ptq_config(cnn, images):
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    ref = cnn(torch.from_numpy(images)).detach().numpy()
+    nearest = quantize_static(fp32, [images[:32], images[32:]], PTQInt8Config(progress=False))
+    learned = quantize_static(fp32, [images[:32], images[32:]],
+                              PTQInt8Config(adaround=True, adaround_iterations=200, progress=False))
+    w = lambda g: [numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith(".w_q")]  # noqa: E731
+    changed = sum(int((a != b).sum()) for a, b in zip(w(nearest), w(learned)))
+    assert changed > 0 and all(np.abs(a.astype(int) - b).max() <= 1 for a, b in zip(w(nearest), w(learned)))
+    assert inspect_optimized(learned).int8_op_fraction == 1.0
+    assert sqnr_db(ref, run(learned, images)) > 25.0
+    with pytest.raises(ConfigError, match="adaround_iterations"):
+        PTQInt8Config(adaround=True, adaround_iterations=0)

@@ -300,7 +300,8 @@ def adaround_weight_params(
     for node, layer in zip(nodes, layers):
         if layer is None:  # unsupported geometry: nearest rounding (or the given base)
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            params[node.name] = base_params.get(node.name) or quantize_weight(w, _weight_axis(node) if per_channel else None)
+            axis = _weight_axis(node) if per_channel else None
+            params[node.name] = base_params[node.name] if node.name in base_params else quantize_weight(w, axis)
     active = [(n, lay) for n, lay in zip(nodes, layers) if lay is not None]
     if not active:
         return params

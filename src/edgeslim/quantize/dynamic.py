@@ -46,6 +46,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.config import TechniqueConfig
+from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.quantize.lower import quantize_weight
 from edgeslim.registry import register
@@ -68,6 +69,7 @@ class DynamicInt8Config(TechniqueConfig):
     ops: tuple[str, ...] = ("MatMul", "Gemm")
     exclude: tuple[str, ...] = ()
     activation_matmuls: bool = False
+    embeddings: bool = True  # int8 rows for embedding tables (Gather): see quantize/embedding.py
 
     def validate(self) -> None:
         if not self.ops:
@@ -244,6 +246,8 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
     kept = [init for init in graph.initializer if init.name in used]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
+    if config.embeddings:
+        out = quantize_embeddings(out)
     return out
 
 

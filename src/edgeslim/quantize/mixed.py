@@ -23,6 +23,7 @@ from edgeslim.config import TechniqueConfig
 from edgeslim.evaluate.metrics import sqnr_db
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.calibrate import collect_ranges
+from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.ptq import PTQInt8Config, mse_weight_params, resolve_activation_dtype
@@ -137,6 +138,8 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     k = hi
     score, graph = trial(k)
     float_layers = {rows[i]["layer"] for i in order[:k]}
+    if ptq.embeddings:
+        graph = quantize_embeddings(graph)
     for i in order[:k]:
         rows[i]["precision"] = "fp32"
     met = base - score <= config.max_drop

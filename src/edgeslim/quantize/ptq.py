@@ -13,9 +13,11 @@ import onnxruntime as ort
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError, ExportError
+from edgeslim.quantize.adaround import adaround_weight_params
 from edgeslim.quantize.bias_correction import correct_biases
 from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.debug import compare_layers
+from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.observers import MSEObserver
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import lower_qdq, plan_quantization
@@ -31,9 +33,10 @@ class PTQInt8Config(TechniqueConfig):
     ``observer`` picks how activation ranges are estimated from calibration data (minmax,
     moving_average, percentile, mse, kl); ``weight_observer`` "mse" clips each weight channel to
     the range of least squared error instead of its max. ``bias_correction`` cancels the mean
-    output shift quantization causes. ``exclude`` keeps layers (torch module or ONNX node names)
+    output shift quantization causes; ``adaround`` learns each weight's rounding direction on the
+    calibration set (Nagel et al. 2020). ``exclude`` keeps layers (torch module or ONNX node names)
     in float; ``op_types`` limits quantization to those op types (``["MatMul"]`` for transformers:
-    int8 projections, float residual stream). ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
+    int8 projections, float residual stream); ``embeddings`` stores embedding tables as int8 rows. ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
     and int8 elsewhere: on x86, ORT converts int8 activation Q/DQ pairs to uint8 only where a Q
     feeds a single DQ, so with int8 a tensor shared by two consumers (a ResNet shortcut) leaves
     its Conv unfused (measured: 45% of ResNet-20's convs on integer kernels with int8, 100% with uint8).
@@ -48,8 +51,13 @@ class PTQInt8Config(TechniqueConfig):
     activation_symmetric: bool = False
     per_channel: bool = True
     bias_correction: bool = False
+    adaround: bool = False
+    adaround_iterations: int = 500
+    adaround_reg_weight: float = 0.01
+    seed: int = 0
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ()
+    embeddings: bool = True
     progress: bool = True
 
     def validate(self) -> None:
@@ -57,6 +65,10 @@ class PTQInt8Config(TechniqueConfig):
             raise ConfigError(f"calibration_samples: must be >= 1, got {self.calibration_samples}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.adaround_iterations < 1:
+            raise ConfigError(f"adaround_iterations: must be >= 1, got {self.adaround_iterations}")
+        if self.adaround_reg_weight < 0:
+            raise ConfigError(f"adaround_reg_weight: must be >= 0, got {self.adaround_reg_weight}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile: must be in (50, 100], got {self.percentile}")
 
@@ -81,6 +93,16 @@ def quantize_static(
                             total=total, progress=config.progress)
     weights = mse_weight_params(folded, plan, config.per_channel) if config.weight_observer == "mse" else None
 
+    if config.adaround:
+        def lower_with(params):
+            return lower_qdq(folded, plan, ranges, activation_dtype=dtype, activation_symmetric=config.activation_symmetric,
+                             per_channel=config.per_channel, weight_params=params)
+
+        weights = adaround_weight_params(
+            folded, plan, lower_with, batches[: max(1, 256 // config.batch_size)],
+            iterations=config.adaround_iterations, reg_weight=config.adaround_reg_weight, seed=config.seed,
+            per_channel=config.per_channel, base_params=weights, progress=config.progress)
+
     def lower(graph: onnx.ModelProto) -> onnx.ModelProto:
         return lower_qdq(graph, plan, ranges, activation_dtype=dtype,
                          activation_symmetric=config.activation_symmetric, per_channel=config.per_channel,
@@ -89,7 +111,8 @@ def quantize_static(
     if config.bias_correction:
         folded = correct_biases(folded, plan, lower, batches[: max(1, 256 // max(1, config.batch_size))],
                                 progress=config.progress)
-    return lower(folded)
+    out = lower(folded)
+    return quantize_embeddings(out) if config.embeddings else out
 
 
 def mse_weight_params(folded: onnx.ModelProto, plan, per_channel: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -41,6 +41,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.config import TechniqueConfig
+from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.dynamic import FreshNames, LinearSite, check_exclude, find_linear_sites, node_label
 from edgeslim.registry import register
@@ -65,6 +66,7 @@ class WeightOnlyConfig(TechniqueConfig):
     symmetric: bool = False
     exclude: tuple[str, ...] = ()
     accuracy_level: int = 0
+    embeddings: bool = True  # int8 rows for embedding tables (Gather): see quantize/embedding.py
 
     def validate(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -226,6 +228,8 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
     graph.initializer.extend(kept + new_inits)
     if sites and not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if config.embeddings:
+        out = quantize_embeddings(out)
     return out
 
 

@@ -158,7 +158,8 @@ def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
 def _is_dequant_scale(name: str, consumers: list[tuple[str, int]]) -> bool:
     # Dynamic quantization rescales the int32 accumulator with Mul(x_scale, w_scale): a tensor named
     # as a scale that only feeds such Muls is a quantization parameter, not a weight.
-    return name.lower().endswith("scale") and bool(consumers) and all(op == "Mul" for op, _ in consumers)
+    # Int8 embedding rows are rescaled by a gathered per-row scale (quantize/embedding.py).
+    return name.lower().endswith("scale") and bool(consumers) and all(op in ("Mul", "Gather") for op, _ in consumers)
 
 
 def _static_shapes(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None) -> onnx.ModelProto:
