@@ -1,10 +1,8 @@
 """Mixed precision meets a budget by returning the broken layer to float; parity names the layer."""
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from onnx import numpy_helper
 
 from conftest import small_cnn
 from edgeslim.data import load_digits

@@ -1,7 +1,6 @@
 """End to end: a recipe runs through the CLI, writes a complete run folder, and bad input exits 2."""
 
 import json
-import sys
 import textwrap
 
 import numpy as np

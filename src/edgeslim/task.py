@@ -10,7 +10,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgeslim.errors import DataError, ModelError
+from edgeslim.errors import ConfigError, DataError, ModelError
 
 # A data set is a torch DataLoader yielding (x, y) batches, or an (X, y) pair of arrays/tensors.
 Data = Union[torch.utils.data.DataLoader, tuple[Any, Any]]
@@ -171,3 +171,12 @@ class ModelArtifact:
     onnx: onnx.ModelProto | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str | bytes] = field(default_factory=dict)  # extra files for the stage folder
+
+    def float_copy(self, technique: str) -> nn.Module:
+        """An eval-mode copy of the float model for a technique that lowers it; ConfigError if a
+        previous step already lowered it (lowering must be the last step)."""
+        if self.onnx is not None:
+            raise ConfigError(f"{technique}: the model is already lowered to a quantized graph; put {technique} last")
+        import copy
+
+        return copy.deepcopy(self.torch).eval()

@@ -37,7 +37,6 @@ int16 intermediates (ORT's quantize_dynamic offers 7-bit reduce_range for such C
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Collection
 
@@ -254,9 +253,7 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
 @register("dynamic_int8", DynamicInt8Config)
 def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) -> ModelArtifact:
     """Dynamic int8 quantization of Linear layers (int8 weights, activations quantized at run time)."""
-    if model.onnx is not None:
-        raise ConfigError("dynamic_int8: the model is already lowered to a quantized graph; put dynamic_int8 last")
-    module = copy.deepcopy(model.torch).eval()
+    module = model.float_copy("dynamic_int8")
     fp32 = task.export(module)
     graph = quantize_dynamic_graph(fp32, config)
     ops = [n.op_type for n in graph.graph.node]

@@ -42,7 +42,8 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 64) -> onnx.Mode
                                       numpy_helper.from_array(scale[:, None], f"{name}.row_scale")])
             done[name] = (f"{name}.int8", f"{name}.row_scale")
         q_name, s_name = done[name]
-        ids, y, tag = node.input[1], node.output[0], node.name or y
+        ids, y = node.input[1], node.output[0]
+        tag = node.name or y
         nodes += [
             helper.make_node("Gather", [q_name, ids], [f"{y}.q"], name=f"{tag}.GatherInt8", axis=0),
             helper.make_node("Cast", [f"{y}.q"], [f"{y}.f"], name=f"{tag}.Cast", to=onnx.TensorProto.FLOAT),

@@ -221,7 +221,6 @@ def lower_qdq(
     out.CopyFrom(model)
     graph = out.graph
     inits = _initializers(graph)
-    zp_type = onnx.TensorProto.INT8 if activation_dtype == "int8" else onnx.TensorProto.UINT8
     zp_np = np.int8 if activation_dtype == "int8" else np.uint8
     params: dict[str, tuple[float, int]] = {}
     act_params = act_params or {}

@@ -9,7 +9,6 @@ per-layer table is written beside the stage's model as ``sensitivity.md`` / ``se
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +78,9 @@ def _table_md(rows: list[dict[str, Any]], metric: str, summary: str) -> str:
 @register("mixed_precision", MixedPrecisionConfig)
 def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Task) -> ModelArtifact:
     """Accuracy-aware int8: per-layer sensitivity, then the fewest float layers within the budget."""
-    if model.onnx is not None:
-        raise ConfigError("mixed_precision: the model is already lowered to a quantized graph")
+    module = model.float_copy("mixed_precision")
     ptq = config.ptq
     dtype = resolve_activation_dtype(ptq.activation_dtype)
-    module = copy.deepcopy(model.torch).eval()
     folded = fold_batchnorm(task.export(module))
     full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None)
     batches = [x for x, _ in task.calibration_batches(ptq.batch_size, limit=ptq.calibration_samples)]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import platform
 from dataclasses import dataclass
 from typing import Iterable, Literal
@@ -169,9 +168,7 @@ def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray | tuple[np.ndarray,
 @register("ptq_int8", PTQInt8Config)
 def ptq_int8(model: ModelArtifact, config: PTQInt8Config, task: Task) -> ModelArtifact:
     """Static int8 post-training quantization, lowered to integer kernels (QDQ)."""
-    if model.onnx is not None:
-        raise ConfigError("ptq_int8: the model is already lowered to a quantized graph; put ptq_int8 last")
-    module = copy.deepcopy(model.torch).eval()
+    module = model.float_copy("ptq_int8")
     fp32 = task.export(module)
     total = min(config.calibration_samples, _count(task))
     batches = (x for x, _ in task.calibration_batches(config.batch_size, limit=config.calibration_samples))

@@ -373,8 +373,7 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
     """Run QAT end to end; returns the deployable artifact and the fake-quant model it mirrors."""
     if task.train is None or count_samples(task.train) == 0:
         raise ConfigError("qat_int8: QAT needs training data (task.train is empty)")
-    if model.onnx is not None:
-        raise ConfigError("qat_int8: the model is already lowered to a quantized graph; put qat_int8 last")
+    model.float_copy("qat_int8")  # refuses an already-lowered model
     qat = prepare_qat(model.torch, task, config)
     size = min(config.batch_size, config.calibration_samples)
     samples = calibrate_qat(qat, (x for x, _ in task.calibration_batches(size, limit=config.calibration_samples)))

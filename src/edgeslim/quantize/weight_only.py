@@ -33,7 +33,6 @@ vs 0.022 ms (level 4) at 19.7 vs 19.6 dB SQNR; int8 0.89 ms (level 0: no fast fp
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -236,9 +235,7 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
 @register("weight_only", WeightOnlyConfig)
 def weight_only(model: ModelArtifact, config: WeightOnlyConfig, task: Task) -> ModelArtifact:
     """Weight-only group-wise int4/int8 quantization of Linear layers (ORT MatMulNBits)."""
-    if model.onnx is not None:
-        raise ConfigError("weight_only: the model is already lowered to a quantized graph; put weight_only last")
-    module = copy.deepcopy(model.torch).eval()
+    module = model.float_copy("weight_only")
     fp32 = task.export(module)
     graph = quantize_weight_only_graph(fp32, config)
     layers = sum(n.op_type == "MatMulNBits" for n in graph.graph.node)
