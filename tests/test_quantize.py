@@ -256,3 +256,18 @@ def test_adaround_through_the_ptq_config(cnn, images):
     assert sqnr_db(ref, run(learned, images)) > 25.0
     with pytest.raises(ConfigError, match="adaround_iterations"):
         PTQInt8Config(adaround=True, adaround_iterations=0)
+
+
+def test_equalizations_through_the_ptq_config():
+    """SmoothQuant and CLE are float rewrites: the quantized graph still runs fully on int8 kernels
+    and tracks the float model."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)).eval()
+    x = np.random.default_rng(0).normal(size=(64, 32)).astype(np.float32)
+    x[:, 3] *= 30  # an outlier channel, what SmoothQuant is for
+    fp32 = export_onnx(model, (torch.from_numpy(x[:1]),))
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    smoothed = quantize_static(fp32, [x], PTQInt8Config(smoothquant_alpha=0.5, cross_layer_equalization=True, progress=False))
+    assert sqnr_db(ref, run(smoothed, x)) > 25.0
+    with pytest.raises(ConfigError, match="smoothquant_alpha"):
+        PTQInt8Config(smoothquant_alpha=1.5)

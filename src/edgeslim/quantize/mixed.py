@@ -23,9 +23,8 @@ from edgeslim.evaluate.metrics import sqnr_db
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.embedding import quantize_embeddings
-from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
-from edgeslim.quantize.ptq import PTQInt8Config, mse_weight_params, resolve_activation_dtype
+from edgeslim.quantize.ptq import PTQInt8Config, mse_weight_params, prepare_float, resolve_activation_dtype
 from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, iter_batches
@@ -81,9 +80,9 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     module = model.float_copy("mixed_precision")
     ptq = config.ptq
     dtype = resolve_activation_dtype(ptq.activation_dtype)
-    folded = fold_batchnorm(task.export(module))
-    full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None)
     batches = [x for x, _ in task.calibration_batches(ptq.batch_size, limit=ptq.calibration_samples)]
+    folded = prepare_float(task.export(module), batches, ptq)
+    full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None)
     options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
     # full plan (after a MaxPool) needs one of its own once that input's layer returns to float.

@@ -17,6 +17,7 @@ from edgeslim.quantize.bias_correction import correct_biases
 from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.debug import compare_layers
 from edgeslim.quantize.embedding import quantize_embeddings
+from edgeslim.quantize.equalize import equalize_cross_layer, smooth_quant
 from edgeslim.quantize.observers import MSEObserver
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import lower_qdq, plan_quantization
@@ -33,7 +34,10 @@ class PTQInt8Config(TechniqueConfig):
     moving_average, percentile, mse, kl); ``weight_observer`` "mse" clips each weight channel to
     the range of least squared error instead of its max. ``bias_correction`` cancels the mean
     output shift quantization causes; ``adaround`` learns each weight's rounding direction on the
-    calibration set (Nagel et al. 2020). ``exclude`` keeps layers (torch module or ONNX node names)
+    calibration set (Nagel et al. 2020). ``smoothquant_alpha`` migrates activation outliers of
+    MatMul inputs into the weights (SmoothQuant, Xiao et al. 2023) and ``cross_layer_equalization``
+    evens out weight ranges of Conv -> ReLU -> Conv pairs (Nagel et al. 2019): both keep the float
+    function and make the int8 grid fit. ``exclude`` keeps layers (torch module or ONNX node names)
     in float; ``op_types`` limits quantization to those op types (``["MatMul"]`` for transformers:
     int8 projections, float residual stream); ``embeddings`` stores embedding tables as int8 rows. ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
     and int8 elsewhere: on x86, ORT converts int8 activation Q/DQ pairs to uint8 only where a Q
@@ -51,6 +55,8 @@ class PTQInt8Config(TechniqueConfig):
     per_channel: bool = True
     bias_correction: bool = False
     adaround: bool = False
+    smoothquant_alpha: float | None = None
+    cross_layer_equalization: bool = False
     adaround_iterations: int = 500
     adaround_reg_weight: float = 0.01
     seed: int = 0
@@ -64,6 +70,8 @@ class PTQInt8Config(TechniqueConfig):
             raise ConfigError(f"calibration_samples: must be >= 1, got {self.calibration_samples}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.smoothquant_alpha is not None and not 0.0 <= self.smoothquant_alpha <= 1.0:
+            raise ConfigError(f"smoothquant_alpha: must be in [0, 1], got {self.smoothquant_alpha}")
         if self.adaround_iterations < 1:
             raise ConfigError(f"adaround_iterations: must be >= 1, got {self.adaround_iterations}")
         if self.adaround_reg_weight < 0:
@@ -79,13 +87,23 @@ def resolve_activation_dtype(dtype: str) -> str:
     return "uint8" if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86") else "int8"
 
 
+def prepare_float(fp32: onnx.ModelProto, batches: list, config: PTQInt8Config) -> onnx.ModelProto:
+    """The float graph quantization starts from: BatchNorm folded, then the optional equalizations."""
+    folded = fold_batchnorm(fp32)
+    if config.cross_layer_equalization:
+        folded = equalize_cross_layer(folded)[0]
+    if config.smoothquant_alpha is not None:
+        folded = smooth_quant(folded, batches, config.smoothquant_alpha, progress=config.progress)[0]
+    return folded
+
+
 def quantize_static(
     fp32: onnx.ModelProto, batches: Iterable, config: PTQInt8Config = PTQInt8Config(), total: int | None = None
 ) -> onnx.ModelProto:
     """Quantize a float ONNX graph with ranges observed on ``batches`` (inputs of the graph)."""
     batches = list(batches)
     dtype = resolve_activation_dtype(config.activation_dtype)
-    folded = fold_batchnorm(fp32)
+    folded = prepare_float(fp32, batches, config)
     plan = plan_quantization(folded, exclude=config.exclude, op_types=config.op_types or None)
     options = {"dtype": dtype, "symmetric": config.activation_symmetric, "percentile": config.percentile}
     ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.observer, observer_options=options,
