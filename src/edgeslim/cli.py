@@ -114,7 +114,7 @@ def list_() -> None:
     from rich.table import Table
 
     from edgeslim.data import DATASETS
-    from edgeslim.models import list_models
+    from edgeslim.recipe import TEXT_DATASETS, known_models
     from edgeslim.registry import list_techniques
 
     table = Table(title="techniques (recipe: steps: - technique: NAME)")
@@ -124,8 +124,8 @@ def list_() -> None:
         table.add_row(t.name, t.config_type.__name__, t.summary)
     console = Console()
     console.print(table)
-    console.print("models: " + ", ".join(list_models()))
-    console.print("data sets: " + ", ".join(DATASETS))
+    console.print("models: " + ", ".join(known_models()))
+    console.print("data sets: " + ", ".join(DATASETS + TEXT_DATASETS))
 
 
 def main(argv: list[str] | None = None) -> int:
