@@ -28,7 +28,7 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-bench
-	@set -e; for script in benchmarks/*.py; do \
+	@set -e; for script in benchmarks/[!_]*.py; do \
 		echo "== $$script --quick"; \
 		$(BIN)/python $$script --quick --json benchmarks/results/$$(basename $$script .py).quick.json; \
 	done
