@@ -46,6 +46,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.quantize.embedding import quantize_embeddings
+from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.quantize.lower import quantize_weight
 from edgeslim.registry import register
@@ -239,12 +240,7 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
             b = const(f"{base}/bias", bias)
             ordered.append(helper.make_node("Add", [y_mul, b], [y], name=fresh(f"{base}/Bias")))
 
-    del graph.node[:]
-    graph.node.extend(ordered)
-    used = {name for n in graph.node for name in n.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    rebuild(graph, ordered, new_inits)
     if config.embeddings:
         out = quantize_embeddings(out)
     return out

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeslim.quantize.graph_edit import rebuild
+
 
 def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 64) -> onnx.ModelProto:
     """Return a copy of ``model`` whose row lookups (Gather, axis 0, from a 2-D float initializer with
@@ -51,10 +53,5 @@ def quantize_embeddings(model: onnx.ModelProto, min_rows: int = 64) -> onnx.Mode
             helper.make_node("Mul", [f"{y}.f", f"{y}.s"], [y], name=f"{tag}.Rescale"),
         ]
     if done:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        used = {n for node in graph.node for n in node.input}
-        kept = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
+        rebuild(graph, nodes)
     return out

@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeslim.quantize.graph_edit import rebuild
+
 
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy of ``model`` with every foldable Conv -> BatchNormalization pair merged."""
@@ -23,8 +25,8 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         for name in node.input:
             users[name] = users.get(name, 0) + 1
     producers = {o: n for n in graph.node for o in n.output}
-    drop: set[int] = set()
-    for bn in graph.node:
+    drop: set[int] = set()  # indices of folded BatchNormalization nodes
+    for index, bn in enumerate(graph.node):
         if bn.op_type != "BatchNormalization" or len(bn.output) != 1:
             continue
         conv = producers.get(bn.input[0])
@@ -47,13 +49,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             conv.input.append(b_name)
         conv.output[0] = bn.output[0]
-        drop.add(id(bn))
+        drop.add(index)
     if drop:
-        kept = [n for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(kept)
-        used = {name for node in graph.node for name in node.input}
-        kept_inits = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept_inits)
+        rebuild(graph, [n for i, n in enumerate(graph.node) if i not in drop])
     return out

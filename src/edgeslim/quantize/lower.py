@@ -18,6 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeslim.quantize.graph_edit import rebuild
+
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # Ops whose output may reuse the input's quantization parameters (values are only moved).
 SAME_SCALE_OPS = ("MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")
@@ -237,7 +239,6 @@ def lower_qdq(
     new_inits: list[onnx.TensorProto] = []
     new_nodes: dict[str, list[onnx.NodeProto]] = {}  # producer output -> nodes inserted after it
     head_nodes: list[onnx.NodeProto] = []
-    removed: set[str] = set()
 
     def const(name: str, value: np.ndarray) -> str:
         new_inits.append(numpy_helper.from_array(value, name))
@@ -259,7 +260,6 @@ def lower_qdq(
         dq = helper.make_node("DequantizeLinear", dq_inputs, [f"{tag}.w_dq"], name=f"{tag}.w_DQ", **dq_attrs)
         head_nodes.append(dq)
         node.input[1] = dq.output[0]
-        removed.add(w_name)
         if len(node.input) > 2 and node.input[2]:
             b_name = node.input[2]
             x_scale = params[node.input[0]][0]
@@ -276,7 +276,6 @@ def lower_qdq(
             )
             head_nodes.append(bdq)
             node.input[2] = bdq.output[0]
-            removed.add(b_name)
 
     # 2. Activations: rename the producer's output to NAME.f, then NAME.f -> Q -> DQ -> NAME, so
     #    every consumer (and a graph output of that name) reads the dequantized tensor unchanged.
@@ -317,17 +316,5 @@ def lower_qdq(
         ordered.append(node)
         for o in node.output:
             ordered.extend(new_nodes.get(o, []))
-    del graph.node[:]
-    graph.node.extend(ordered)
-    kept = [init for init in graph.initializer if init.name not in removed]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
-    used = {name for node in graph.node for name in node.input}
-    _drop_unused_initializers(graph, used)
+    rebuild(graph, ordered, new_inits)
     return out
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto, used: set[str]) -> None:
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)

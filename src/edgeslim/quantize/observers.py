@@ -21,6 +21,11 @@ def _per_channel(x: np.ndarray, axis: int | None) -> np.ndarray:
     return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1)
 
 
+def _row_range(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of each row of ``_per_channel``'s (channels, values) view, as float64."""
+    return rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+
+
 class MinMaxObserver:
     """Running minimum and maximum of everything seen."""
 
@@ -32,8 +37,7 @@ class MinMaxObserver:
     def update(self, x: np.ndarray) -> None:
         if not x.size:
             return
-        rows = _per_channel(np.asarray(x, dtype=np.float32), self.axis)
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        lo, hi = _row_range(_per_channel(np.asarray(x, dtype=np.float32), self.axis))
         self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
 
@@ -55,8 +59,7 @@ class MovingAverageMinMaxObserver(MinMaxObserver):
     def update(self, x: np.ndarray) -> None:
         if not x.size:
             return
-        rows = _per_channel(np.asarray(x, dtype=np.float32), self.axis)
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        lo, hi = _row_range(_per_channel(np.asarray(x, dtype=np.float32), self.axis))
         if self.lo is None:
             self.lo, self.hi = lo, hi
         else:
@@ -81,7 +84,7 @@ class HistogramObserver:
         if not x.size:
             return
         rows = _per_channel(np.asarray(x, dtype=np.float32), self.axis)
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        lo, hi = _row_range(rows)
         if self.hist is None:
             self.lo, self.hi = lo, np.maximum(hi, lo + 1e-12)
             self.hist = np.zeros((len(rows), self.bins))

@@ -41,6 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.quantize.embedding import quantize_embeddings
+from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.dynamic import FreshNames, LinearSite, check_exclude, find_linear_sites, node_label
 from edgeslim.registry import register
@@ -219,12 +220,7 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
         if extra_add:
             ordered.append(helper.make_node("Add", [y_mm, extra_add], [y], name=fresh(f"{base}/Bias")))
 
-    del graph.node[:]
-    graph.node.extend(ordered)
-    used = {name for n in graph.node for name in n.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept + new_inits)
+    rebuild(graph, ordered, new_inits)
     if sites and not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if config.embeddings:
