@@ -271,3 +271,28 @@ def test_equalizations_through_the_ptq_config():
     assert sqnr_db(ref, run(smoothed, x)) > 25.0
     with pytest.raises(ConfigError, match="smoothquant_alpha"):
         PTQInt8Config(smoothquant_alpha=1.5)
+
+
+class _TinyAttention(torch.nn.Module):
+    """q/k/v projections and the two activation-by-activation products of attention."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(d, d) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, S, d)
+        scores = self.q(x) @ self.k(x).transpose(1, 2) / 4.0  # (B, S, S)
+        return torch.softmax(scores, dim=-1) @ self.v(x)  # (B, S, d)
+
+
+def test_transformer_setting_runs_every_matmul_on_integer_kernels():
+    torch.manual_seed(0)
+    model = _TinyAttention().eval()
+    x = np.random.default_rng(0).normal(size=(8, 12, 16)).astype(np.float32)
+    fp32 = export_onnx(model, (torch.from_numpy(x[:1]),))
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    projections = quantize_static(fp32, [x], PTQInt8Config(op_types=("MatMul",), progress=False))
+    everything = quantize_static(fp32, [x], PTQInt8Config(op_types=("MatMul",), activation_matmuls=True, progress=False))
+    assert inspect_optimized(projections).int8_op_fraction < 1.0  # the two products stay float
+    assert inspect_optimized(everything).int8_op_fraction == 1.0
+    assert sqnr_db(ref, run(everything, x)) > 20.0

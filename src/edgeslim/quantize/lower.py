@@ -104,13 +104,15 @@ def _float_tensors(model: onnx.ModelProto) -> set[str]:
 
 
 def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = (),
-                      op_types: Collection[str] | None = None) -> QuantPlan:
+                      op_types: Collection[str] | None = None, activation_matmuls: bool = False) -> QuantPlan:
     """Decide the Q/DQ placement for ``model`` (BatchNorm already folded).
 
     Nodes named in ``exclude`` (ONNX node name or layer name) stay in float: mixed precision
     keeps sensitive layers there. ``op_types`` limits quantization to those op types; then a
     MatMul's output stays float (ORT runs DQ -> MatMul as MatMulIntegerToFloat), which suits
     transformers, where residual and mask Adds must not be squeezed into int8.
+    ``activation_matmuls`` also quantizes both inputs of MatMuls between two activations
+    (attention's Q·Kᵀ and P·V), which ORT then runs as integer kernels too.
     """
     graph = model.graph
     inits = _initializers(graph)
@@ -147,6 +149,10 @@ def plan_quantization(model: onnx.ModelProto, exclude: Collection[str] = (),
                 add(nxt[0].output[0])
             else:
                 add(out)
+        elif (op == "MatMul" and activation_matmuls and wanted(op) and not {node.name} & set(exclude)
+              and all(n not in inits for n in node.input)):
+            for name in node.input:
+                add(name)
         elif op in SAME_SCALE_OPS and wanted(op) and node.input[0] in chosen:
             add(node.output[0], same_as=node.input[0])
         elif op in QLINEAR_OPS and wanted(op) and all(n in floats or n in inits for n in node.input if n):

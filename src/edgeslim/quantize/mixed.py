@@ -82,7 +82,8 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     dtype = resolve_activation_dtype(ptq.activation_dtype)
     batches = [x for x, _ in task.calibration_batches(ptq.batch_size, limit=ptq.calibration_samples)]
     folded = prepare_float(task.export(module), batches, ptq)
-    full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None)
+    full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None,
+                             activation_matmuls=ptq.activation_matmuls)
     options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
     # full plan (after a MaxPool) needs one of its own once that input's layer returns to float.
@@ -93,7 +94,8 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     names = [layer_name(n) for n in nodes]
 
     def lower(float_layers: set[str]) -> onnx.ModelProto:
-        plan = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(float_layers), op_types=ptq.op_types or None)
+        plan = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(float_layers),
+                                 op_types=ptq.op_types or None, activation_matmuls=ptq.activation_matmuls)
         return lower_qdq(folded, plan, ranges, activation_dtype=dtype, activation_symmetric=ptq.activation_symmetric,
                          per_channel=ptq.per_channel, weight_params=weights)
 

@@ -41,7 +41,8 @@ class PTQInt8Config(TechniqueConfig):
     "bound" rescales them exactly with a per-channel Min (measured: int8 latency doubles);
     "relu" turns ReLU6 into ReLU as the paper does for MobileNetV2 (changes the float model). ``exclude`` keeps layers (torch module or ONNX node names)
     in float; ``op_types`` limits quantization to those op types (``["MatMul"]`` for transformers:
-    int8 projections, float residual stream); ``embeddings`` stores embedding tables as int8 rows. ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
+    int8 projections, float residual stream); ``activation_matmuls`` also runs attention's
+    activation-by-activation MatMuls in int8; ``embeddings`` stores embedding tables as int8 rows. ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
     and int8 elsewhere: on x86, ORT converts int8 activation Q/DQ pairs to uint8 only where a Q
     feeds a single DQ, so with int8 a tensor shared by two consumers (a ResNet shortcut) leaves
     its Conv unfused (measured: 45% of ResNet-20's convs on integer kernels with int8, 100% with uint8).
@@ -65,6 +66,7 @@ class PTQInt8Config(TechniqueConfig):
     seed: int = 0
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ()
+    activation_matmuls: bool = False
     embeddings: bool = True
     progress: bool = True
 
@@ -107,7 +109,8 @@ def quantize_static(
     batches = list(batches)
     dtype = resolve_activation_dtype(config.activation_dtype)
     folded = prepare_float(fp32, batches, config)
-    plan = plan_quantization(folded, exclude=config.exclude, op_types=config.op_types or None)
+    plan = plan_quantization(folded, exclude=config.exclude, op_types=config.op_types or None,
+                             activation_matmuls=config.activation_matmuls)
     options = {"dtype": dtype, "symmetric": config.activation_symmetric, "percentile": config.percentile}
     ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.observer, observer_options=options,
                             total=total, progress=config.progress)
