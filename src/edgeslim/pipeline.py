@@ -176,7 +176,7 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
 
 
 def _static_measures(path: Path, graph: onnx.ModelProto, task: Task) -> dict[str, Any]:
-    from edgeslim.runtime import count_macs, count_params, inspect_optimized, size_bytes
+    from edgeslim.runtime import count_params, inspect_optimized, size_bytes
 
     value = evaluate_onnx(path, task)
     report = inspect_optimized(path)
@@ -186,12 +186,27 @@ def _static_measures(path: Path, graph: onnx.ModelProto, task: Task) -> dict[str
         task.metric_name: value,
         "size_bytes": size_bytes(path),
         "params": count_params(graph),
-        "macs": count_macs(graph),
+        "macs": _macs(graph, task),
         "int8_op_fraction": report.int8_op_fraction,
         "compute_ops": report.compute_ops,
         "int_compute_ops": report.int_compute_ops,
         "fp_compute_nodes": report.fp_compute_nodes,
     }
+
+
+def _macs(graph: onnx.ModelProto, task: Task) -> int | None:
+    """MACs at the example inputs' shapes; None (with a warning) where shape inference cannot follow."""
+    from edgeslim.errors import ModelError
+    from edgeslim.runtime import count_macs
+
+    inits = {i.name for i in graph.graph.initializer}
+    names = [i.name for i in graph.graph.input if i.name not in inits]
+    shapes = {n: list(t.shape) for n, t in zip(names, task.example_inputs)}
+    try:
+        return count_macs(graph, shapes)
+    except ModelError as err:
+        console.print(f"  [yellow]MACs not counted[/yellow]: {err}")
+        return None
 
 
 def _measure_latency(stages: list[Stage], task: Task, runtime: RuntimeConfig) -> None:

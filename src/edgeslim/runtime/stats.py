@@ -210,6 +210,32 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
     return shapes
 
 
+def _run_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
+    """Actual shapes of ``names``: run the graph once in ORT on zero inputs of its (fixed) input shapes."""
+    import numpy as np
+    import onnxruntime as ort
+
+    probe = copy.deepcopy(model)
+    have = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        inits = {t.name for t in probe.graph.initializer}
+        feeds = {}
+        for inp in probe.graph.input:
+            if inp.name in inits:
+                continue
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
+            feeds[inp.name] = np.zeros([d.dim_value for d in inp.type.tensor_type.shape.dim], dtype=dtype)
+        wanted = list(dict.fromkeys(names))
+        return {n: list(a.shape) for n, a in zip(wanted, sess.run(wanted, feeds))}
+    except Exception:  # best effort: the caller reports what stays unknown
+        return {}
+
+
 def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None = None) -> int:
     """Multiply-accumulates of one forward pass at batch 1 (dynamic dims -> 1 unless overridden).
 
@@ -221,6 +247,11 @@ def count_macs(model: onnx.ModelProto, input_shapes: dict[str, list[int]] | None
     except onnx.shape_inference.InferenceError as exc:
         raise ModelError(f"ONNX shape inference failed: {str(exc).splitlines()[0]}") from exc
     shapes = _known_shapes(inferred)
+    missing = [n for node in inferred.graph.node if node.op_type in _CONV_OPS or node.op_type in _MATMUL_OPS
+               or node.op_type == "MatMulNBits" for n in list(node.input[:2]) + [node.output[0]]
+               if n and shapes.get(n) is None]
+    if missing:  # ONNX inference gave up (e.g. LayerNormalization after the exporter's rewrites): run it
+        shapes.update(_run_shapes(_static_shapes(model, input_shapes), missing))
 
     def shape_of(name: str, node: onnx.NodeProto) -> list[int]:
         s = shapes.get(name)
