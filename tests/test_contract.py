@@ -69,3 +69,39 @@ def test_int8_is_faster_on_a_conv_net_with_a_dataloader(tmp_path):
     assert q["speedup_vs_baseline"] > 1.0
     assert q["size_ratio_vs_baseline"] > 3.5
     assert q["peak_memory_bytes"] is None
+
+
+class _TwoInputEncoder(torch.nn.Module):
+    """Token ids and a mask in, one masked-mean vector out: the shape of a sentence encoder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 16)
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(self.embed(ids)))  # (B, S, 16)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, 16)
+
+
+def test_a_two_input_model_with_a_dynamic_sequence_runs_through_the_pipeline(tmp_path):
+    from edgeslim.quantize import PTQInt8Config
+    from edgeslim.task import METRICS
+
+    torch.manual_seed(0)
+    model = _TwoInputEncoder().eval()
+    ids = torch.randint(0, 100, (32, 10))
+    mask = torch.ones(32, 10, dtype=torch.int64)
+    mask[:, 7:] = 0
+    with torch.no_grad():
+        targets = model(ids, mask)
+    task = Task(model, (ids[:1], mask[:1]), calibration=((ids.numpy(), mask.numpy()), None),
+                evaluation=((ids.numpy(), mask.numpy()), targets.numpy()), metric=METRICS["cosine"],
+                metric_name="cosine", dynamic_dims=({1: "seq"}, {1: "seq"}))
+    result = compress(task, [PTQInt8Config(op_types=("MatMul",), progress=False)], out_dir=tmp_path / "run",
+                      runtime=RuntimeConfig(warmup=2, runs=20, rounds=2, measure_memory=True))
+    fp32, q = (s.metrics for s in result.stages)
+    assert fp32["macs"] == q["macs"] == 10 * 16 * 16  # the projection, at the example's 10 tokens
+    assert q["int8_op_fraction"] == 1.0 and q["cosine"] > 0.99
+    assert q["peak_memory_bytes"] > 0 and (tmp_path / "run" / "01_ptq_int8" / "parity.md").exists()
