@@ -146,8 +146,9 @@ def minilm_rows(args) -> list[dict]:
         "edgeslim_weight_only_int4_g32": lambda: quantize_weight_only_graph(fp32, WeightOnlyConfig(bits=4, group_size=32)),
         "edgeslim_mixed_precision": lambda: mixed_precision(
             ModelArtifact(task.model),
-            MixedPrecisionConfig(max_drop=0.002, ptq=PTQInt8Config(progress=False, smoothquant_alpha=0.7,
-                                                                   activation_matmuls=True, **matmul)),
+            MixedPrecisionConfig(max_drop=0.002, eval_samples=48 if args.quick else None,
+                                 ptq=PTQInt8Config(progress=False, smoothquant_alpha=0.7, activation_matmuls=True,
+                                                   **matmul)),
             task).onnx,
     }
     if not args.quick:  # the MSE histogram search costs ~35 s per variant on MiniLM's activations
