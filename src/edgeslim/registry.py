@@ -43,6 +43,7 @@ def register(name: str, config_type: type[TechniqueConfig]) -> Callable[[Callabl
 
 def _load_builtin() -> None:
     # Importing the technique packages runs their @register decorators.
+    import edgeslim.distill  # noqa: F401
     import edgeslim.quantize  # noqa: F401
 
 

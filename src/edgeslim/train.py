@@ -11,7 +11,7 @@ import math
 import os
 import pickle
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,8 @@ from torch.utils.data import DataLoader
 from edgeslim.errors import CheckpointError, DataError
 
 ArrayLike = np.ndarray | torch.Tensor
+# Per-batch loss: (model, x batch, y batch) -> (scalar loss, logits used for the train accuracy).
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -92,9 +94,12 @@ def train(
     seed: int = 0,
     progress: bool = True,
     augment_shift: int = 0,
+    batch_loss: BatchLoss | None = None,
 ) -> nn.Module:
     """Train ``model`` with cross-entropy, AdamW and a one-cycle LR; returns it in eval mode.
 
+    ``batch_loss`` replaces the cross-entropy per batch (e.g. a distillation loss, see
+    ``edgeslim.distill``); it gets the (augmented) batch and returns ``(loss, logits)``.
     Same model, data and seed give bit-identical weights (on the same machine and thread count).
     """
     if epochs < 1 or batch_size < 1 or lr <= 0 or augment_shift < 0:
@@ -116,7 +121,13 @@ def train(
         sched = torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
         )
-    loss_fn = nn.CrossEntropyLoss()
+    if batch_loss is None:
+        ce = nn.CrossEntropyLoss()
+
+        def batch_loss(m: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = m(xb)
+            return ce(logits, yb), logits
+
     console = Console(stderr=True, quiet=not progress)
 
     with Progress(
@@ -136,8 +147,7 @@ def train(
             for xb, yb in _batches(x, y, batch_size, gen):
                 if augment_shift:
                     xb = _random_shift(xb, augment_shift, gen)
-                logits = model(xb)
-                loss = loss_fn(logits, yb)
+                loss, logits = batch_loss(model, xb, yb)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
