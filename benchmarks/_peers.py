@@ -5,12 +5,28 @@ Only the peers' public APIs are called here; nothing of their code is copied.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import onnx
+
+
+@contextlib.contextmanager
+def _scratch_cwd():
+    """Run a peer tool inside a temporary working directory: ORT's quant_pre_process and the
+    external-data writers of large models drop scratch files (sym_shape_infer_temp.onnx, *.data)
+    into the current directory."""
+    old = os.getcwd()
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)
+        try:
+            yield
+        finally:
+            os.chdir(old)
 
 
 def _feeds(model: onnx.ModelProto, batches: Sequence) -> list[dict[str, np.ndarray]]:
@@ -32,7 +48,7 @@ def ort_quantize_static(fp32: onnx.ModelProto, batches: Sequence, op_types: list
         def get_next(self):
             return next(self.it, None)
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with _scratch_cwd(), tempfile.TemporaryDirectory() as tmp:
         src, pre, out = Path(tmp, "fp32.onnx"), Path(tmp, "pre.onnx"), Path(tmp, "q.onnx")
         onnx.save(fp32, src)
         try:
@@ -48,7 +64,7 @@ def ort_quantize_dynamic(fp32: onnx.ModelProto) -> onnx.ModelProto:
     """ONNX Runtime's quantize_dynamic, per-channel int8 weights."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with tempfile.TemporaryDirectory() as tmp:
+    with _scratch_cwd(), tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp, "fp32.onnx"), Path(tmp, "q.onnx")
         onnx.save(fp32, src)
         quantize_dynamic(str(src), str(out), per_channel=True, weight_type=QuantType.QInt8)
@@ -63,4 +79,5 @@ def nncf_quantize(fp32: onnx.ModelProto, batches: Sequence, transformer: bool = 
         return None
     feeds = _feeds(fp32, batches)
     kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
-    return nncf.quantize(fp32, nncf.Dataset(feeds), subset_size=len(feeds), **kwargs)  # items are batches
+    with _scratch_cwd():
+        return nncf.quantize(fp32, nncf.Dataset(feeds), subset_size=len(feeds), **kwargs)  # items are batches
