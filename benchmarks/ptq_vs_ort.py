@@ -20,24 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import finish, parser  # noqa: E402
-
-
-def ort_quantize_static(fp32_path: Path, out_path: Path, calib: np.ndarray, input_name: str) -> None:
-    """ONNX Runtime's own static quantizer, as its docs recommend using it."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{input_name: calib[i : i + 32]} for i in range(0, len(calib), 32)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    pre = out_path.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre))
-    quantize_static(str(pre), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+from _peers import ort_quantize_static  # noqa: E402
 
 
 def main() -> None:
@@ -67,7 +50,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     paths["ort_quantize_static"] = tmp / "ort.onnx"
-    ort_quantize_static(paths["fp32"], paths["ort_quantize_static"], calib, fp32.graph.input[0].name)
+    onnx.save(ort_quantize_static(fp32, [calib[i : i + 32] for i in range(0, len(calib), 32)]), paths["ort_quantize_static"])
     seconds["ort_quantize_static"] = time.perf_counter() - t0
     for dtype in ("int8", "uint8"):
         name = f"edgeslim_ptq_minmax_{dtype}"
