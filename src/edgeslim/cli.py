@@ -130,7 +130,7 @@ def list_() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning input errors into one line on stderr and exit code 2."""
-    from edgeslim.errors import EdgeslimError
+    from edgeslim.errors import EdgeslimError, first_line
 
     try:
         # standalone mode: typer/click print usage errors themselves and raise SystemExit(2).
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if os.environ.get("EDGESLIM_DEBUG"):
             raise
-        first = (str(err).strip().splitlines() or [""])[0]
+        first = first_line(err)
         print(f"edgeslim: internal error: {type(err).__name__}: {first} (set EDGESLIM_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1

@@ -7,6 +7,16 @@ reading a traceback. Never ``assert`` on user input: asserts vanish under ``pyth
 from __future__ import annotations
 
 
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an exception message (ORT and torch errors are long)."""
+    text = str(exc)
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            return line
+    return type(exc).__name__ if isinstance(exc, BaseException) else text
+
+
 class EdgeslimError(Exception):
     """Base class for errors caused by user input (bad recipe, data, model or checkpoint)."""
 

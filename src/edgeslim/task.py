@@ -10,7 +10,7 @@ import onnx
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, DataError, ModelError
+from edgeslim.errors import ConfigError, DataError, ModelError, first_line
 
 # A data set is a torch DataLoader yielding (x, y) batches, or an (X, y) pair of arrays/tensors.
 Data = Union[torch.utils.data.DataLoader, tuple[Any, Any]]
@@ -153,7 +153,7 @@ def check_forward(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) ->
         with torch.no_grad():
             model(*example_inputs)
     except Exception as err:  # any failure inside user code is a model error
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        first = first_line(err)
         raise ModelError(f"model forward failed on example input of shape {shapes}: {first}") from None
     finally:
         model.train(was_training)

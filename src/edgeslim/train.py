@@ -7,10 +7,9 @@ Checkpoints are written as safetensors and never unpickled arbitrarily on load.
 
 from __future__ import annotations
 
+import io
 import math
-import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
@@ -19,11 +18,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader
 
 from edgeslim.errors import CheckpointError, DataError
+from edgeslim.io import write_bytes
 
 ArrayLike = np.ndarray | torch.Tensor
 # Per-batch loss: (model, x batch, y batch) -> (scalar loss, logits used for the train accuracy).
@@ -193,18 +193,13 @@ def save_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{path}: checkpoint must end in .safetensors, .pt, .pth or .bin")
     # clone: safetensors refuses tensors that share storage (tied weights, views)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if suffix == ".safetensors":
-            save_file(state, tmp)
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if suffix == ".safetensors":
+        data = save(state)
+    else:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    write_bytes(path, data)
 
 
 def _read_state(path: Path) -> Mapping[str, object]:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from edgeslim.distill.losses import hint_loss, kd_loss, make_adapter
-from edgeslim.errors import ConfigError, DataError, ModelError
+from edgeslim.errors import ConfigError, DataError, ModelError, first_line
 from edgeslim.train import ArrayLike, _as_tensors, _random_shift, train
 
 
@@ -130,7 +130,7 @@ def distill(
             try:
                 t_out, s_out = teacher(xb), student(xb)
             except Exception as err:  # user model code
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                first = first_line(err)
                 raise ModelError(f"distill: forward failed on a batch of shape {tuple(xb.shape)}: {first}") from None
         if tuple(t_out.shape) != tuple(s_out.shape):
             raise ModelError(

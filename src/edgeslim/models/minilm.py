@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, DataError, ModelError
+from edgeslim.errors import ConfigError, DataError, ModelError, first_line
 from edgeslim.task import Task
 
 __all__ = ["SentenceEncoder", "build_minilm_task", "encode", "load_minilm", "minilm_path"]
@@ -141,7 +141,7 @@ def load_minilm() -> tuple[SentenceEncoder, Any]:
             )
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # corrupt files, incompatible transformers version
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         raise ModelError(f"cannot load MiniLM from {path}: {first}") from None
     missing = sorted(info.get("missing_keys", ()))
     if missing:  # these weights would be random: refuse rather than return a broken model

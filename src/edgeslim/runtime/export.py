@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
+from edgeslim import io
 from edgeslim.errors import ExportError, ModelError, RuntimeToolError
 from edgeslim.runtime.ort import first_line, make_session, run
 
@@ -78,19 +77,6 @@ def _forward(model: "nn.Module", inputs: tuple["torch.Tensor", ...]) -> list[np.
 
 def _default_names(prefix: str, n: int) -> list[str]:
     return [prefix] + [f"{prefix}_{i}" for i in range(1, n)]
-
-
-def _write_atomic(proto: onnx.ModelProto, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(proto.SerializeToString())
-        os.replace(tmp, path)  # atomic on POSIX and Windows: readers never see half a file
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _check_dynamic_batch(proto: onnx.ModelProto, cls: str) -> None:
@@ -198,7 +184,7 @@ def export_onnx(
 
     if path is not None:
         try:
-            _write_atomic(proto, Path(path))
+            io.write_bytes(path, proto.SerializeToString())
         except OSError as exc:
             raise ExportError(f"cannot write ONNX file {path}: {first_line(exc)}") from exc
     return proto

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgeslim.errors import RuntimeToolError
+from edgeslim.errors import RuntimeToolError, first_line
 
 __all__ = ["OPTIMIZATION_LEVELS", "make_session", "run", "predict", "input_feed"]
 
@@ -38,16 +38,6 @@ ORT_TO_NUMPY: dict[str, type] = {
     "tensor(uint16)": np.uint16,
     "tensor(bool)": np.bool_,
 }
-
-
-def first_line(exc: BaseException | str) -> str:
-    """The first non-empty line of an exception message (ORT and torch errors are long)."""
-    text = str(exc)
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            return line
-    return type(exc).__name__ if isinstance(exc, BaseException) else text
 
 
 def make_session(
