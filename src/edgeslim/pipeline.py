@@ -165,6 +165,12 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         stage = Stage(label, name if tech else None, step.to_dict() if step else None,
                       stages[-1].name if stages else None, path)
         stage.metrics = _static_measures(path, graph, task)
+        stage.metrics["onnx_size_bytes"] = stage.metrics["size_bytes"]
+        if artifact.size_file is not None:
+            if artifact.size_file not in artifact.files:
+                raise ConfigError(f"{name}: size_file {artifact.size_file!r} is not among the stage's files")
+            stage.metrics["size_bytes"] = (path.parent / artifact.size_file).stat().st_size
+            stage.metrics["size_file"] = artifact.size_file
         stage.metrics["step_seconds"] = round(seconds, 3)
         stage.metrics.update({f"note_{k}": v for k, v in artifact.notes.items()})
         console.print(f"  {task.metric_name} {stage.metrics[task.metric_name]:.4f}  size {stage.metrics['size_bytes']:,} B")

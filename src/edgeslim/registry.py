@@ -43,7 +43,10 @@ def register(name: str, config_type: type[TechniqueConfig]) -> Callable[[Callabl
 
 def _load_builtin() -> None:
     # Importing the technique packages runs their @register decorators.
+    import edgeslim.cluster  # noqa: F401
     import edgeslim.distill  # noqa: F401
+    import edgeslim.lowrank  # noqa: F401
+    import edgeslim.prune  # noqa: F401
     import edgeslim.quantize  # noqa: F401
 
 

@@ -171,6 +171,9 @@ class ModelArtifact:
     onnx: onnx.ModelProto | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str | bytes] = field(default_factory=dict)  # extra files for the stage folder
+    # Name of an entry of ``files`` that is the stage's deployable compact form (a sparse or
+    # Huffman-coded weight file): the pipeline reports its bytes as ``size_bytes``.
+    size_file: str | None = None
 
     def float_copy(self, technique: str) -> nn.Module:
         """An eval-mode copy of the float model for a technique that lowers it; ConfigError if a

@@ -91,6 +91,7 @@ def distill(
     progress: bool = True,
     hints: list[tuple[str, str]] | None = None,
     hint_weight: float = 1.0,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> nn.Module:
     """Train ``student`` in place to match the frozen ``teacher``; returns the student in eval mode.
 
@@ -103,7 +104,8 @@ def distill(
     batch (:func:`make_adapter`), trained jointly with the student and then discarded.
     The teacher runs in eval mode with gradients off on the same (augmented) batch; its mode and
     ``requires_grad`` flags are restored afterwards. Deterministic under ``seed`` (same machine
-    and thread count), like :func:`edgeslim.train.train`.
+    and thread count), like :func:`edgeslim.train.train`. ``after_step(student)`` runs after every
+    optimizer step (pruning masks, shared weights).
     """
     _check_args(epochs, lr, batch_size, temperature, alpha, augment_shift)
     if not (math.isfinite(hint_weight) and hint_weight >= 0):
@@ -141,7 +143,8 @@ def distill(
         wrapper = _Student(student, adapters)
         batch_loss = _make_batch_loss(teacher, hints, s_feats, t_feats, temperature, alpha, hint_weight)
         train(wrapper, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, progress=progress,
-              augment_shift=augment_shift, batch_loss=batch_loss)
+              augment_shift=augment_shift, batch_loss=batch_loss,
+              after_step=None if after_step is None else (lambda _wrapper: after_step(student)))
     finally:
         for h in handles:
             h.remove()

@@ -1,0 +1,1 @@
+"""Pruning: unstructured masks with schedules, structured channel removal, sparse storage."""
