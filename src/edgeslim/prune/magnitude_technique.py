@@ -1,0 +1,180 @@
+"""The ``prune_magnitude`` technique: unstructured (or N:M) magnitude pruning with a schedule and
+an optional (distillation) fine-tune; the stage's size is its measured sparse file.
+
+Unstructured zeros do not make ONNX Runtime's dense kernels faster; the gain is the compact
+file (:mod:`edgeslim.prune.sparse`), which the stage reports as its ``size_bytes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from edgeslim.config import TechniqueConfig
+from edgeslim.errors import ConfigError
+from edgeslim.prune.schedule import GradualPruner, iterative_prune
+from edgeslim.prune.sparse import encode_sparse
+from edgeslim.prune.unstructured import (Masks, apply_masks, layer_sparsity, magnitude_masks, mask_keeper,
+                                         masks_from_zeros, nm_masks, resolve_names, sparsity_of)
+from edgeslim.registry import register
+from edgeslim.task import ModelArtifact, Task, count_samples
+
+SPARSE_FILE = "weights.sparse"
+NOTE_LAYERS = "prune_layers"  # notes key: the weight names holding pruned zeros (JSON-friendly)
+
+
+@dataclass(frozen=True)
+class PruneMagnitudeConfig(TechniqueConfig):
+    """Unstructured magnitude pruning (Han et al. 2015), or N:M when ``m > 0`` (then ``sparsity``,
+    ``scope`` and ``overrides`` do not apply: the pattern fixes the sparsity at 1 - n/m).
+
+    ``schedule``: ``one_shot`` prunes once, then fine-tunes ``epochs``; ``gradual`` prunes during the
+    ``epochs`` of fine-tuning on Zhu & Gupta's cubic schedule (``updates`` mask updates);
+    ``iterative`` runs ``rounds`` of prune + ``epochs`` of retraining (Han et al.). ``overrides``
+    maps a layer (module or weight name) to its own sparsity. ``temperature > 0`` fine-tunes by
+    distillation from the model entering the step. The sparse file stores gaps in ``index_bits``.
+    """
+
+    sparsity: float = 0.5
+    scope: Literal["layer", "global"] = "layer"
+    schedule: Literal["one_shot", "gradual", "iterative"] = "one_shot"
+    overrides: dict[str, float] = field(default_factory=dict)
+    exclude: tuple[str, ...] = ()
+    n: int = 2
+    m: int = 0
+    rounds: int = 3
+    updates: int = 10
+    epochs: int = 0
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    temperature: float = 0.0
+    alpha: float = 0.9
+    index_bits: int = 5
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if isinstance(self.sparsity, bool) or not (0.0 <= self.sparsity < 1.0):
+            raise ConfigError(f"sparsity: must be in [0, 1), got {self.sparsity}")
+        for name, value in self.overrides.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value < 1.0):
+                raise ConfigError(f"overrides.{name}: sparsity must be in [0, 1), got {value!r}")
+        if self.m:
+            if not 0 < self.n < self.m:
+                raise ConfigError(f"n: N:M pruning needs 0 < n < m, got n={self.n}, m={self.m}")
+            if self.schedule != "one_shot" or self.overrides or self.scope != "layer":
+                raise ConfigError("m: N:M pruning is one_shot and layer-wise, without overrides")
+        elif self.m < 0:
+            raise ConfigError(f"m: must be >= 0 (0 = unstructured), got {self.m}")
+        lows = (("rounds", 1), ("updates", 1), ("epochs", 0), ("batch_size", 1), ("index_bits", 1), ("seed", 0))
+        for name, low in lows:
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if self.index_bits > 16:
+            raise ConfigError(f"index_bits: must be <= 16, got {self.index_bits}")
+        if self.schedule != "one_shot" and self.epochs < 1:
+            raise ConfigError(f"epochs: the {self.schedule} schedule prunes while fine-tuning; set epochs >= 1")
+        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay + 1.0),
+                            ("temperature", self.temperature + 1.0)):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name}: must be {'> 0' if name == 'lr' else '>= 0'}, got {getattr(self, name)}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+
+
+def _mask_fn(config: PruneMagnitudeConfig) -> Callable[[nn.Module, float], Masks]:
+    """Masks at a fraction ``ramp`` of every layer's final sparsity (see schedule.py)."""
+
+    def masks(model: nn.Module, ramp: float) -> Masks:
+        if config.m:
+            return nm_masks(model, config.n, config.m, exclude=config.exclude)
+        overrides = {k: v * ramp for k, v in config.overrides.items()}
+        return magnitude_masks(model, config.sparsity * ramp, scope=config.scope, exclude=config.exclude,
+                               overrides=overrides)
+
+    return masks
+
+
+def _fine_tune(config: PruneMagnitudeConfig, task: Task, teacher: nn.Module | None,
+               epochs: int) -> Callable[[nn.Module, Callable[[nn.Module], None]], nn.Module]:
+    """``retrain(model, after_step)``: ``epochs`` of CE training, or of KD from ``teacher``."""
+    x, y = task.train if isinstance(task.train, (tuple, list)) else (task.train, None)
+
+    def retrain(model: nn.Module, after_step: Callable[[nn.Module], None]) -> nn.Module:
+        common = {"epochs": epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
+                  "progress": config.progress, "after_step": after_step}
+        if config.temperature > 0:
+            from edgeslim.distill.trainer import distill
+
+            return distill(model, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
+        from edgeslim.train import train
+
+        return train(model, x, y, weight_decay=config.weight_decay, **common)
+
+    return retrain
+
+
+def _steps_per_epoch(task: Task, batch_size: int) -> int:
+    data = task.train
+    if isinstance(data, (tuple, list)):
+        return math.ceil(count_samples(data) / batch_size)
+    return len(data)
+
+
+def prune_model(model: nn.Module, config: PruneMagnitudeConfig, task: Task) -> tuple[nn.Module, Masks]:
+    """Prune a copy of ``model`` as ``config`` says, fine-tuning on ``task.train``; returns it and its masks."""
+    for name in (*config.overrides, *config.exclude):
+        resolve_names(model, [name], "overrides" if name in config.overrides else "exclude")
+    if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("epochs: fine-tuning needs training data (task.train is empty); set epochs: 0")
+    teacher = copy.deepcopy(model).eval() if config.temperature > 0 and config.epochs > 0 else None
+    student = copy.deepcopy(model)
+    mask_fn = _mask_fn(config)
+    retrain = _fine_tune(config, task, teacher, config.epochs) if config.epochs > 0 else None
+    if config.schedule == "iterative":
+        masks = iterative_prune(student, mask_fn, config.rounds, retrain, config.progress)
+    elif config.schedule == "gradual":
+        total = config.epochs * _steps_per_epoch(task, config.batch_size)
+        pruner = GradualPruner.over(mask_fn, total, n=config.updates, progress=config.progress)
+        student = retrain(student, pruner)
+        masks = pruner.finish(student)
+    else:
+        masks = mask_fn(student, 1.0)
+        apply_masks(student, masks)
+        if retrain is not None:
+            student = retrain(student, mask_keeper(masks))
+    return apply_masks(student.eval(), masks), masks
+
+
+@register("prune_magnitude", PruneMagnitudeConfig)
+def prune_magnitude(model: ModelArtifact, config: PruneMagnitudeConfig, task: Task) -> ModelArtifact:
+    """Magnitude pruning (unstructured or N:M) with a schedule; size is the measured sparse file."""
+    base = model.float_copy("prune_magnitude")
+    pruned, masks = prune_model(base, config, task)
+    kept = sum(int(m.sum()) for m in masks.values())
+    notes = {**model.notes, NOTE_LAYERS: sorted(masks), "sparsity": round(sparsity_of(pruned), 6),
+             "layer_sparsity": {k: round(v, 6) for k, v in layer_sparsity(pruned).items()},
+             "kept_weights": kept}
+    files = {**model.files, SPARSE_FILE: encode_sparse(pruned, index_bits=config.index_bits)}
+    return ModelArtifact(torch=pruned, notes=notes, files=files, size_file=SPARSE_FILE)
+
+
+def pruned_masks(model: ModelArtifact) -> Masks | None:
+    """The masks of a model a pruning step made (its zeros, for the layers it noted); None if unpruned.
+
+    Later weight-changing steps (``distill``) keep these zeros with ``mask_keeper``."""
+    names = model.notes.get(NOTE_LAYERS)
+    return masks_from_zeros(model.torch, names) if names else None
+
+
+def repack_sparse(artifact: ModelArtifact, index_bits: int = 5) -> ModelArtifact:
+    """Re-encode the sparse file of a pruned model whose weights a later step changed (in place)."""
+    artifact.files = {**artifact.files, SPARSE_FILE: encode_sparse(artifact.torch, index_bits=index_bits)}
+    artifact.size_file = SPARSE_FILE
+    return artifact
