@@ -265,3 +265,49 @@ def test_registry_and_pipeline(tmp_path):
     assert stage["size_ratio_vs_baseline"] > 3
     assert stage["int8_op_fraction"] == 1.0  # MatMulNBits counts as an integer-weight kernel
     assert stage["accuracy"] >= 0.75  # agreement with the fp32 argmax of an untrained net (small margins)
+
+
+# --- scale search, per-layer widths and the accuracy budget ------------------------------------
+
+def test_scale_search_lowers_the_weight_error():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    for symmetric in (False, True):
+        errs = [np.sum((dequantize(pack_weight(w, 4, 32, symmetric, search)) - w) ** 2) for search in (False, True)]
+        assert errs[1] < 0.97 * errs[0], errs
+
+
+def test_layer_bits_sets_one_layer_width(mlp):
+    _, x, fp32 = mlp
+    names = [n.name for n in fp32.graph.node if n.op_type in ("Gemm", "MatMul")]
+    q = quantize_weight_only_graph(fp32, WeightOnlyConfig(bits=4, layer_bits={names[1]: 8}))
+    widths = [helper.get_attribute_value(a) for n in q.graph.node for a in n.attribute if a.name == "bits"]
+    assert widths == [4, 8]
+    with pytest.raises(ConfigError, match="layer_bits: no quantizable MatMul/Gemm named 'nope'"):
+        quantize_weight_only_graph(fp32, WeightOnlyConfig(layer_bits={"nope": 8}))
+    with pytest.raises(ConfigError, match="layer_bits.fc: ONNX Runtime's CPU MatMulNBits kernel runs 2, 4 or 8"):
+        WeightOnlyConfig(layer_bits={"fc": 3})
+
+
+def test_budget_promotes_the_fewest_layers_to_int8():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    x = torch.randn(256, 64)
+    with torch.no_grad():
+        target = model(x)
+    from edgeslim.task import METRICS
+
+    task = Task(model, (x[:1],), calibration=(x, target), evaluation=(x.numpy(), target.numpy()),
+                metric=METRICS["cosine"], metric_name="cosine")
+    tech = registry.get("weight_only")
+    plain = tech.fn(ModelArtifact(model), WeightOnlyConfig(bits=2, group_size=16, embeddings=False), task)
+    fp32_cos = 1.0
+    plain_cos = METRICS["cosine"](torch.from_numpy(ort_out(plain.onnx, x.numpy())), target)
+    budget = (fp32_cos - plain_cos) / 2  # int2 everywhere misses it: some layers must go to int8
+    out = tech.fn(ModelArtifact(model), WeightOnlyConfig(bits=2, group_size=16, max_drop=budget), task)
+    got = METRICS["cosine"](torch.from_numpy(ort_out(out.onnx, x.numpy())), target)
+    assert fp32_cos - got <= budget + 1e-6
+    at = out.notes["layers_at_bits"]
+    assert at.get("8", 0) >= 1 and at.get("2", 0) >= 1  # some promoted, not all
+    table = out.files["sensitivity.md"]
+    assert table.count("| int8 |") == at["8"] and table.count("| int2 |") == at["2"]

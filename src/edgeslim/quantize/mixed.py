@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import onnx
@@ -49,7 +49,7 @@ class MixedPrecisionConfig(TechniqueConfig):
             raise ConfigError(f"eval_samples: must be >= 1, got {self.eval_samples}")
 
 
-class _Evaluator:
+class Evaluator:
     """Runs candidate graphs on ORT over a fixed evaluation subset and scores them."""
 
     def __init__(self, task: Task, samples: int | None) -> None:
@@ -64,14 +64,66 @@ class _Evaluator:
     def score(self, out: np.ndarray) -> float:
         return float(self.task.metric(torch.from_numpy(out), self.targets))
 
+    def sensitivity(self, names: list[str], build_one: Callable[[str], onnx.ModelProto], ref: np.ndarray,
+                    base: float, precision: str, ops: list[str]) -> list[dict[str, Any]]:
+        """One row per layer: the metric and output SQNR with only that layer at low precision."""
+        rows = []
+        for i, (name, op) in enumerate(zip(names, ops)):
+            out = self.outputs(build_one(name))
+            score = self.score(out)
+            rows.append({"layer": name, "op": op, "sqnr_db": sqnr_db(ref, out), "metric_alone": score,
+                         "drop_alone": score - base, "precision": precision})
+            console.print(f"  sensitivity {i + 1}/{len(names)} {name}: {self.task.metric_name} {score:.4f}, "
+                          f"SQNR {rows[-1]['sqnr_db']:.1f} dB")
+        return rows
 
-def _table_md(rows: list[dict[str, Any]], metric: str, summary: str) -> str:
+
+def fewest_layers(rows: list[dict[str, Any]], build: Callable[[set[str]], onnx.ModelProto], ev: Evaluator,
+                  base: float, max_drop: float, high: str) -> tuple[set[str], float, bool, onnx.ModelProto]:
+    """The fewest most-sensitive layers to raise to precision ``high`` so the metric drops at most ``max_drop``.
+
+    Binary search over k (the k most sensitive layers, by metric drop then SQNR), assuming that
+    raising more of them does not hurt: log2(n) evaluations instead of n. Marks the chosen rows'
+    ``precision`` and returns (layers, metric, budget met, graph).
+    """
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["drop_alone"], rows[i]["sqnr_db"]))
+    cache: dict[int, tuple[float, onnx.ModelProto]] = {}
+
+    def trial(k: int) -> tuple[float, onnx.ModelProto]:
+        if k not in cache:
+            graph = build({rows[i]["layer"] for i in order[:k]})
+            cache[k] = (ev.score(ev.outputs(graph)), graph)
+            console.print(f"  {k} layer(s) at {high}: {ev.task.metric_name} {cache[k][0]:.4f} (fp32 {base:.4f})")
+        return cache[k]
+
+    lo, hi = 0, len(order)
+    if base - trial(0)[0] <= max_drop:
+        hi = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if base - trial(mid)[0] <= max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    score, graph = trial(hi)
+    for i in order[:hi]:
+        rows[i]["precision"] = high
+    return {rows[i]["layer"] for i in order[:hi]}, score, base - score <= max_drop, graph
+
+
+def sensitivity_files(rows: list[dict[str, Any]], metric: str, base: float, score: float, max_drop: float,
+                      met: bool, kept: str) -> dict[str, str | bytes]:
+    """``sensitivity.md`` (the per-layer table: which layer broke) and ``sensitivity.json``."""
+    summary = (f"fp32 {metric} {base:.4f}; mixed {score:.4f} (drop {base - score:+.4f}, budget {max_drop}); {kept}"
+               + ("" if met else " — BUDGET NOT MET even with every layer raised"))
     lines = [f"# Per-layer sensitivity ({metric})", "", summary, "",
              f"| layer | op | SQNR dB (alone) | {metric} (alone) | drop | precision |", "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['op']} | {r['sqnr_db']:.1f} | {r['metric_alone']:.4f} | "
                      f"{r['drop_alone']:+.4f} | {r['precision']} |")
-    return "\n".join(lines) + "\n"
+    return {"sensitivity.md": "\n".join(lines) + "\n",
+            "sensitivity.json": json.dumps({"fp32_metric": base, "mixed_metric": score, "budget": max_drop,
+                                            "budget_met": met, "layers": rows}, indent=2, default=float)}
 
 
 @register("mixed_precision", MixedPrecisionConfig)
@@ -99,53 +151,15 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
         return lower_qdq(folded, plan, ranges, activation_dtype=dtype, activation_symmetric=ptq.activation_symmetric,
                          per_channel=ptq.per_channel, weight_params=weights)
 
-    ev = _Evaluator(task, config.eval_samples)
+    ev = Evaluator(task, config.eval_samples)
     ref_out = ev.outputs(folded)
     base = ev.score(ref_out)
-    rows = []
-    for i, (node, name) in enumerate(zip(nodes, names)):
-        out = ev.outputs(lower(set(names) - {name}))
-        score = ev.score(out)
-        rows.append({"layer": name, "op": node.op_type, "sqnr_db": sqnr_db(ref_out, out), "metric_alone": score,
-                     "drop_alone": score - base, "precision": "int8"})
-        console.print(f"  sensitivity {i + 1}/{len(nodes)} {name}: {task.metric_name} {score:.4f}, "
-                      f"SQNR {rows[-1]['sqnr_db']:.1f} dB")
-    # Most sensitive first: largest metric drop, then lowest SQNR.
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["drop_alone"], rows[i]["sqnr_db"]))
-    cache: dict[int, tuple[float, onnx.ModelProto]] = {}
-
-    def trial(k: int) -> tuple[float, onnx.ModelProto]:
-        """Metric with the ``k`` most sensitive layers in float (memoised)."""
-        if k not in cache:
-            graph = lower({rows[i]["layer"] for i in order[:k]})
-            cache[k] = (ev.score(ev.outputs(graph)), graph)
-            console.print(f"  {k} layer(s) in float: {task.metric_name} {cache[k][0]:.4f} (fp32 {base:.4f})")
-        return cache[k]
-
-    # Binary search for the smallest k that meets the budget, assuming that returning more of the
-    # most sensitive layers to float does not hurt (log2(n) evaluations instead of n).
-    lo, hi = 0, len(order)
-    if base - trial(0)[0] <= config.max_drop:
-        hi = 0
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if base - trial(mid)[0] <= config.max_drop:
-            hi = mid
-        else:
-            lo = mid + 1
-    k = hi
-    score, graph = trial(k)
-    float_layers = {rows[i]["layer"] for i in order[:k]}
+    rows = ev.sensitivity(names, lambda name: lower(set(names) - {name}), ref_out, base, "int8",
+                          [n.op_type for n in nodes])
+    float_layers, score, met, graph = fewest_layers(rows, lower, ev, base, config.max_drop, "fp32")
     if ptq.embeddings:
         graph = quantize_embeddings(graph)
-    for i in order[:k]:
-        rows[i]["precision"] = "fp32"
-    met = base - score <= config.max_drop
-    summary = (f"fp32 {task.metric_name} {base:.4f}; mixed {score:.4f} (drop {base - score:+.4f}, budget "
-               f"{config.max_drop}); {len(float_layers)} of {len(rows)} layers kept in float"
-               + ("" if met else " — BUDGET NOT MET even with every layer in float"))
-    files = {"sensitivity.md": _table_md(rows, task.metric_name, summary),
-             "sensitivity.json": json.dumps({"fp32_metric": base, "mixed_metric": score, "budget": config.max_drop,
-                                             "budget_met": met, "layers": rows}, indent=2, default=float)}
+    files = sensitivity_files(rows, task.metric_name, base, score, config.max_drop, met,
+                              f"{len(float_layers)} of {len(rows)} layers kept in float")
     notes = {"float_layers": sorted(float_layers), "budget_met": met, "search_metric": score}
     return ModelArtifact(torch=module, onnx=graph, notes=notes, files=files)

@@ -33,7 +33,7 @@ vs 0.022 ms (level 4) at 19.7 vs 19.6 dB SQNR; int8 0.89 ms (level 0: no fast fp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -59,6 +59,9 @@ class WeightOnlyConfig(TechniqueConfig):
     their own min/max range. ``exclude`` names nodes of the exported graph to keep in float.
     ``accuracy_level`` 0 computes in fp32 with exactly decoded weights; 4 lets ORT quantize the
     activations to int8 inside the kernel (several times faster, slightly less accurate).
+    ``layer_bits`` sets the width of named layers; with ``max_drop``, each layer is measured alone
+    at ``bits`` and the fewest most-sensitive layers go to ``high_bits`` to keep the metric within
+    the budget (int4 with a few int8 layers; the table is written as ``sensitivity.md``).
     """
 
     bits: int = 4
@@ -67,12 +70,23 @@ class WeightOnlyConfig(TechniqueConfig):
     exclude: tuple[str, ...] = ()
     accuracy_level: int = 0
     embeddings: bool = True  # int8 rows for embedding tables (Gather): see quantize/embedding.py
+    scale_search: bool = True  # per-group clipping that minimises the squared weight error
+    layer_bits: dict[str, int] = field(default_factory=dict)  # node name -> bits, overriding ``bits``
+    max_drop: float | None = None  # accuracy budget: promote the fewest layers to ``high_bits`` to meet it
+    high_bits: int = 8
+    eval_samples: int | None = None  # evaluation samples for the budget search (None: all)
 
     def validate(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ConfigError(f"bits: must be in 2..8, got {self.bits}")
-        if self.bits not in SUPPORTED_BITS:
-            raise ConfigError(f"bits: ONNX Runtime's CPU MatMulNBits kernel runs 2, 4 or 8 bits, got {self.bits}")
+        for name, value in [("bits", self.bits), ("high_bits", self.high_bits),
+                            *((f"layer_bits.{k}", v) for k, v in self.layer_bits.items())]:
+            if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 8:
+                raise ConfigError(f"{name}: must be in 2..8, got {value!r}")
+            if value not in SUPPORTED_BITS:
+                raise ConfigError(f"{name}: ONNX Runtime's CPU MatMulNBits kernel runs 2, 4 or 8 bits, got {value}")
+        if self.max_drop is not None and not self.max_drop >= 0:
+            raise ConfigError(f"max_drop: must be >= 0, got {self.max_drop}")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ConfigError(f"eval_samples: must be >= 1, got {self.eval_samples}")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ConfigError("group_size: must be a power of two >= 16 (MatMulNBits block_size), "
                               f"got {self.group_size}")
@@ -114,7 +128,7 @@ def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return codes.reshape(packed.shape[:-1] + (-1,))[..., :count]
 
 
-def quantize_groups(w: np.ndarray, bits: int, group_size: int, symmetric: bool
+def quantize_groups(w: np.ndarray, bits: int, group_size: int, symmetric: bool, search: bool = False
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Group-quantize ``w [K, N]`` along K: codes uint8 [N, k_blocks, group_size], scales [N, k_blocks], zero points.
 
@@ -122,18 +136,43 @@ def quantize_groups(w: np.ndarray, bits: int, group_size: int, symmetric: bool
     exist), ``scale = range / (2^bits - 1)``. Symmetric: the group's largest-magnitude value m
     maps to code -2^(bits-1) with ``scale = m / -2^(bits-1)`` (scale negative when m > 0), so all
     2^bits codes are used; the zero point is the kernel's default 2^(bits-1) and is not stored.
+    With ``search``, each group's range is also shrunk by factors down to 0.5 and the factor with
+    the smallest squared rounding + clipping error is kept (outliers clipped to tighten the grid
+    for the rest: the "clip search" of AWQ/RTN int4 recipes, on weights alone).
     """
     k, n = w.shape
     g = np.asarray(w, dtype=np.float64).T.reshape(n, k // group_size, group_size)
+    factors = np.linspace(1.0, 0.5, 11) if search else np.ones(1)
+    best = None
+    for f in factors:
+        codes, scales, zp = _quantize_groups_at(g, bits, symmetric, f)
+        zp_f = float(1 << (bits - 1)) if zp is None else zp[..., None].astype(np.float64)
+        decoded = (codes.astype(np.float64) - zp_f) * scales[..., None].astype(np.float64)
+        err = ((decoded - g) ** 2).sum(axis=-1)  # [N, k_blocks]
+        if best is None:
+            best = [codes, scales, zp, err]
+            continue
+        better = err < best[3]  # per group
+        best[0] = np.where(better[..., None], codes, best[0])
+        best[1] = np.where(better, scales, best[1])
+        if zp is not None:
+            best[2] = np.where(better, zp, best[2])
+        best[3] = np.minimum(err, best[3])
+    return best[0], best[1], best[2]
+
+
+def _quantize_groups_at(g: np.ndarray, bits: int, symmetric: bool, shrink: float
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One grid per group of ``g [N, k_blocks, group]``, its range scaled by ``shrink``."""
     qmax = (1 << bits) - 1
     if symmetric:
         half = 1 << (bits - 1)
-        extreme = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        extreme = np.take_along_axis(g, np.abs(g).argmax(axis=-1)[..., None], axis=-1)[..., 0] * shrink
         scales = (extreme / -half).astype(np.float32)
         scales[scales == 0] = 1.0  # an all-zero group: any scale decodes it exactly
         q = np.clip(np.round(g / scales[..., None]), -half, half - 1) + half
         return q.astype(np.uint8), scales, None
-    lo, hi = np.minimum(g.min(axis=-1), 0.0), np.maximum(g.max(axis=-1), 0.0)
+    lo, hi = np.minimum(g.min(axis=-1), 0.0) * shrink, np.maximum(g.max(axis=-1), 0.0) * shrink
     scales = ((hi - lo) / qmax).astype(np.float32)
     scales[scales == 0] = 1.0
     zp = np.clip(np.round(-lo / scales), 0, qmax)
@@ -141,10 +180,10 @@ def quantize_groups(w: np.ndarray, bits: int, group_size: int, symmetric: bool
     return q.astype(np.uint8), scales, zp.astype(np.uint8)
 
 
-def pack_weight(w: np.ndarray, bits: int, group_size: int, symmetric: bool) -> NBitsWeight:
+def pack_weight(w: np.ndarray, bits: int, group_size: int, symmetric: bool, search: bool = False) -> NBitsWeight:
     """Quantize and pack ``w [K, N]`` (K divisible by ``group_size``) into MatMulNBits tensors."""
     k, n = w.shape
-    codes, scales, zp = quantize_groups(w, bits, group_size, symmetric)
+    codes, scales, zp = quantize_groups(w, bits, group_size, symmetric, search)
     packed_zp = None if zp is None else pack_bits(zp, bits)  # [N, ceil(k_blocks * bits / 8)]
     return NBitsWeight(pack_bits(codes, bits), scales, packed_zp, bits, group_size, k, n)
 
@@ -183,6 +222,11 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
     check_exclude(graph, config.exclude, ("MatMul", "Gemm"))
     sites = find_linear_sites(out, ("MatMul", "Gemm"), config.exclude)
     check_group_size(sites, config.group_size)
+    labels = {node_label(s.node, s.index) for s in sites}
+    unknown = sorted(set(config.layer_bits) - labels)
+    if unknown:
+        shown = ", ".join(sorted(labels)[:8]) + (", ..." if len(labels) > 8 else "")
+        raise ConfigError(f"layer_bits: no quantizable MatMul/Gemm named {unknown[0]!r} (candidates: {shown})")
     by_index = {s.index: s for s in sites}
     fresh = FreshNames(graph)
     new_inits: list[TensorProto] = []
@@ -200,8 +244,9 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
             continue
         base = node_label(node, index)
         k, n = site.weight.shape
-        packed = pack_weight(site.weight, config.bits, config.group_size, config.symmetric)
-        inputs = [node.input[0], const(f"{base}/B_q{config.bits}", packed.b), const(f"{base}/scales", packed.scales)]
+        bits = config.layer_bits.get(base, config.bits)
+        packed = pack_weight(site.weight, bits, config.group_size, config.symmetric, config.scale_search)
+        inputs = [node.input[0], const(f"{base}/B_q{bits}", packed.b), const(f"{base}/scales", packed.scales)]
         inputs.append("" if packed.zero_points is None else const(f"{base}/zero_points", packed.zero_points))
         extra_add = None
         if site.bias is not None and site.bias.size == n:
@@ -212,7 +257,7 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
             inputs.pop()
         y = node.output[0]
         y_mm = fresh(f"{y}/nbits") if extra_add else y
-        attrs = {"K": k, "N": n, "bits": config.bits, "block_size": config.group_size}
+        attrs = {"K": k, "N": n, "bits": bits, "block_size": config.group_size}
         if config.accuracy_level:
             attrs["accuracy_level"] = config.accuracy_level
         ordered.append(helper.make_node("MatMulNBits", inputs, [y_mm], name=fresh(f"{base}/MatMulNBits"),
@@ -233,7 +278,44 @@ def weight_only(model: ModelArtifact, config: WeightOnlyConfig, task: Task) -> M
     """Weight-only group-wise int4/int8 quantization of Linear layers (ORT MatMulNBits)."""
     module = model.float_copy("weight_only")
     fp32 = task.export(module)
+    files: dict[str, str | bytes] = {}
+    if config.max_drop is not None:
+        config, files = _budgeted_bits(fp32, config, task)
     graph = quantize_weight_only_graph(fp32, config)
-    layers = sum(n.op_type == "MatMulNBits" for n in graph.graph.node)
-    notes = {"quantized_layers": layers, "bits": config.bits, "group_size": config.group_size}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes)
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    widths = [next(a.i for a in n.attribute if a.name == "bits") for n in nbits]
+    notes = {"quantized_layers": len(nbits), "bits": config.bits, "group_size": config.group_size,
+             "layers_at_bits": {str(b): widths.count(b) for b in sorted(set(widths))}}
+    return ModelArtifact(torch=module, onnx=graph, notes=notes, files=files)
+
+
+def _budgeted_bits(fp32: onnx.ModelProto, config: WeightOnlyConfig, task: Task
+                   ) -> tuple[WeightOnlyConfig, dict[str, str | bytes]]:
+    """Per-layer sensitivity at ``bits``, then the fewest layers at ``high_bits`` that meet ``max_drop``."""
+    from dataclasses import replace
+
+    from edgeslim.quantize.mixed import Evaluator, fewest_layers, sensitivity_files
+
+    sites = find_linear_sites(fp32, ("MatMul", "Gemm"), config.exclude)
+    names = [node_label(s.node, s.index) for s in sites if node_label(s.node, s.index) not in config.layer_bits]
+    ev = Evaluator(task, config.eval_samples)
+    ref = ev.outputs(fp32)
+    base = ev.score(ref)
+    solo = replace(config, embeddings=False, max_drop=None)
+
+    def graph_with(low: set[str]) -> onnx.ModelProto:
+        """Layers in ``low`` at ``bits``, every other layer float (for the one-at-a-time sensitivity)."""
+        others = [n for n in names if n not in low]
+        return quantize_weight_only_graph(fp32, replace(solo, exclude=tuple(config.exclude) + tuple(others)))
+
+    rows = ev.sensitivity(names, lambda name: graph_with({name}), ref, base, f"int{config.bits}",
+                          ["MatMulNBits"] * len(names))
+
+    def mixed(high: set[str]) -> onnx.ModelProto:
+        return quantize_weight_only_graph(fp32, replace(solo, layer_bits={**config.layer_bits,
+                                                                          **{n: config.high_bits for n in high}}))
+
+    high, score, met, _ = fewest_layers(rows, mixed, ev, base, config.max_drop, f"int{config.high_bits}")
+    files = sensitivity_files(rows, task.metric_name, base, score, config.max_drop, met,
+                              f"{len(high)} of {len(rows)} layers at int{config.high_bits}, the rest at int{config.bits}")
+    return replace(config, max_drop=None, layer_bits={**config.layer_bits, **{n: config.high_bits for n in high}}), files
