@@ -1,0 +1,155 @@
+"""The ``cluster`` technique: weight sharing with a Huffman-coded compact file (Deep Compression).
+
+Each selected Linear/Conv weight is clustered by k-means over its nonzero entries (pruned zeros
+stay zero), the codebooks are fine-tuned with shared gradients on ``task.train`` (optionally with
+knowledge distillation from the model entering the step), and the result is written in the
+format of :mod:`edgeslim.cluster.format`. The stage's ``size_bytes`` is that file's size; the
+module it returns holds plain float32 weights equal to the codebook values, so its ONNX export
+is a dense float graph (no speedup: the gain is storage).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from edgeslim.cluster.format import encode_state
+from edgeslim.cluster.kmeans import check_bits, clusterable_layers, finalize, share_weights
+from edgeslim.config import TechniqueConfig
+from edgeslim.errors import ConfigError
+from edgeslim.prune.unstructured import mask_keeper, masks_from_zeros, resolve_names
+from edgeslim.registry import register
+from edgeslim.task import ModelArtifact, Task, count_samples
+
+FILE_NAME = "weights.esdc"
+
+
+@dataclass(frozen=True)
+class ClusterConfig(TechniqueConfig):
+    """Weight sharing (Han et al. 2016): per-layer k-means with k = 2^bits, centroid fine-tune, Huffman file.
+
+    Defaults follow the paper: 8 bits for conv layers and 5 for fully connected ones (codebook
+    indices), relative indices of 8 bits (conv) and 5 bits (fc). ``layer_bits`` overrides the width
+    per layer (module name -> bits). ``layers`` (default: every Linear/Conv) and ``exclude`` select
+    the layers. ``epochs: 0`` skips the fine-tune; ``temperature`` set fine-tunes with knowledge
+    distillation from the model entering the step (``alpha`` weights the soft term).
+    """
+
+    conv_bits: int = 8
+    fc_bits: int = 5
+    layer_bits: dict[str, int] = field(default_factory=dict)
+    layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    conv_index_bits: int = 8
+    fc_index_bits: int = 5
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 64
+    temperature: float | None = None
+    alpha: float = 0.9
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        check_bits(self.conv_bits, "conv_bits")
+        check_bits(self.fc_bits, "fc_bits")
+        for name, bits in self.layer_bits.items():
+            check_bits(bits, f"layer_bits.{name}")
+        for name in ("conv_index_bits", "fc_index_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
+                raise ConfigError(f"{name}: must be an integer in 1..16, got {value!r}")
+        if self.epochs < 0 or self.batch_size < 1:
+            raise ConfigError(f"{'epochs' if self.epochs < 0 else 'batch_size'}: must be >= "
+                              f"{0 if self.epochs < 0 else 1}, got {self.epochs if self.epochs < 0 else self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature: must be > 0 (or null for no distillation), got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+
+
+def _module_names(model: nn.Module, names: tuple[str, ...] | list[str], where: str) -> list[str]:
+    return [w.removesuffix("weight").removesuffix(".") for w in resolve_names(model, names, where)]
+
+
+def layer_plan(model: nn.Module, config: ClusterConfig) -> dict[str, tuple[int, int]]:
+    """``{module name: (codebook bits, index bits)}`` for every layer the config clusters."""
+    layers = clusterable_layers(model)
+    chosen = _module_names(model, config.layers, "layers") if config.layers else list(layers)
+    dropped = set(_module_names(model, config.exclude, "exclude"))
+    overrides = dict(zip(_module_names(model, list(config.layer_bits), "layer_bits"), config.layer_bits.values()))
+    plan = {}
+    for name in chosen:
+        if name in dropped:
+            continue
+        conv = not isinstance(layers[name], nn.Linear)
+        bits = overrides.get(name, config.conv_bits if conv else config.fc_bits)
+        plan[name] = (bits, config.conv_index_bits if conv else config.fc_index_bits)
+    if not plan:
+        raise ConfigError(f"layers: no Linear/Conv layer of {type(model).__name__} is left to cluster")
+    return plan
+
+
+@contextlib.contextmanager
+def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
+    """Keep BatchNorm layers in eval mode (running statistics used, not updated) even while the
+    training loop switches the model to train mode: a short fine-tune on a small set would
+    otherwise overwrite the statistics the model was trained with."""
+
+    def to_eval(module: nn.Module, _inputs: object) -> None:
+        module.training = False
+
+    handles = [m.register_forward_pre_hook(to_eval) for m in model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int, int]], config: ClusterConfig,
+               task: Task) -> None:
+    """Train the codebooks (and the unshared parameters) on ``task.train``; pruned zeros of layers
+    that are not clustered are kept at zero after every step."""
+    from edgeslim.distill.trainer import distill
+    from edgeslim.train import train
+
+    keep = mask_keeper(masks_from_zeros(student, [n for n in clusterable_layers(student) if n not in plan]))
+    x, y = task.train if isinstance(task.train, (tuple, list)) else (task.train, None)
+    common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
+              "progress": config.progress, "after_step": keep}
+    with frozen_batchnorm(student):
+        if config.temperature is None:
+            train(student, x, y, **common)
+        else:
+            distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
+
+
+@register("cluster", ClusterConfig)
+def cluster_step(model: ModelArtifact, config: ClusterConfig, task: Task) -> ModelArtifact:
+    """Weight sharing: k-means codebooks per layer, shared-gradient fine-tune, Huffman-coded file."""
+    if config.epochs and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("epochs: centroid fine-tuning needs training data (task.train is empty); "
+                          "set epochs: 0 to skip it")
+    teacher = model.float_copy("cluster")
+    student = copy.deepcopy(teacher)
+    plan = layer_plan(student, config)
+    share_weights(student, {name: bits for name, (bits, _) in plan.items()})
+    try:
+        if config.epochs:
+            _fine_tune(student, teacher, plan, config, task)
+    finally:
+        finalize(student)
+    data = encode_state(student, {name: ib for name, (_, ib) in plan.items()} | {"*": config.fc_index_bits})
+    notes = {**model.notes, "cluster": {"bits": {n: b for n, (b, _) in plan.items()}, "file_bytes": len(data),
+                                        "fine_tune_epochs": config.epochs}}
+    files = {k: v for k, v in model.files.items() if k != model.size_file} | {FILE_NAME: data}
+    return ModelArtifact(torch=student.eval(), notes=notes, files=files, size_file=FILE_NAME)
