@@ -23,6 +23,8 @@ def _task(images: np.ndarray) -> Task:
 
 @pytest.mark.parametrize("tech", registry.list_techniques(), ids=lambda t: t.name)
 def test_technique_contract(tech, images):
+    if getattr(tech.config_type, "requires", None) == "transformer":
+        pytest.skip(f"{tech.name} needs a BERT-style encoder; its contract test runs on a tiny BertModel")
     task = _task(images)
     before = copy.deepcopy(task.model.state_dict())
     config = tech.config_type()

@@ -20,3 +20,5 @@ __all__ = [
 ]
 
 # Other pruning techniques register themselves by import below (one line each).
+from edgeslim.prune.transformer_technique import PruneTransformerConfig, prune_transformer  # noqa: E402,F401
+from edgeslim.prune.channels_technique import PruneChannelsConfig, prune_channels  # noqa: E402,F401
