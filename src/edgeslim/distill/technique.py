@@ -54,12 +54,18 @@ def distill_step(model: ModelArtifact, config: DistillConfig, task: Task) -> Mod
     """Knowledge-distillation fine-tune: a copy of the model learns from the model's soft targets."""
     if task.train is None or count_samples(task.train) == 0:
         raise ConfigError("distill: knowledge distillation needs training data (task.train is empty)")
+    from edgeslim.prune.magnitude_technique import pruned_masks, repack_sparse  # lazy: prune imports distill
+    from edgeslim.prune.unstructured import mask_keeper
+
     teacher = model.float_copy("distill")
     student = copy.deepcopy(teacher)
+    masks = pruned_masks(model)  # a pruning step before this one: keep its zeros through the fine-tune
     x, y = (task.train, None) if not isinstance(task.train, (tuple, list)) else task.train
     student = distill(student, teacher, x, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                       temperature=config.temperature, alpha=config.alpha, seed=config.seed,
-                      augment_shift=config.augment_shift, progress=config.progress)
+                      augment_shift=config.augment_shift, progress=config.progress,
+                      after_step=None if masks is None else mask_keeper(masks))
     notes = {**model.notes, "distill": {"temperature": config.temperature, "alpha": config.alpha,
                                         "epochs": config.epochs}}
-    return ModelArtifact(torch=student, notes=notes, files=dict(model.files))
+    out = ModelArtifact(torch=student, notes=notes, files=dict(model.files))
+    return out if masks is None else repack_sparse(out)  # the sparse file must hold the new weights

@@ -26,6 +26,7 @@ from edgeslim.task import ModelArtifact, Task, count_samples
 
 SPARSE_FILE = "weights.sparse"
 NOTE_LAYERS = "prune_layers"  # notes key: the weight names holding pruned zeros (JSON-friendly)
+NOTE_BITS = "prune_index_bits"  # notes key: index_bits of the sparse file
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def prune_magnitude(model: ModelArtifact, config: PruneMagnitudeConfig, task: Ta
     kept = sum(int(m.sum()) for m in masks.values())
     notes = {**model.notes, NOTE_LAYERS: sorted(masks), "sparsity": round(sparsity_of(pruned), 6),
              "layer_sparsity": {k: round(v, 6) for k, v in layer_sparsity(pruned).items()},
-             "kept_weights": kept}
+             "kept_weights": kept, NOTE_BITS: config.index_bits}
     files = {**model.files, SPARSE_FILE: encode_sparse(pruned, index_bits=config.index_bits)}
     return ModelArtifact(torch=pruned, notes=notes, files=files, size_file=SPARSE_FILE)
 
@@ -173,8 +174,9 @@ def pruned_masks(model: ModelArtifact) -> Masks | None:
     return masks_from_zeros(model.torch, names) if names else None
 
 
-def repack_sparse(artifact: ModelArtifact, index_bits: int = 5) -> ModelArtifact:
+def repack_sparse(artifact: ModelArtifact) -> ModelArtifact:
     """Re-encode the sparse file of a pruned model whose weights a later step changed (in place)."""
-    artifact.files = {**artifact.files, SPARSE_FILE: encode_sparse(artifact.torch, index_bits=index_bits)}
+    bits = int(artifact.notes.get(NOTE_BITS, 5))
+    artifact.files = {**artifact.files, SPARSE_FILE: encode_sparse(artifact.torch, index_bits=bits)}
     artifact.size_file = SPARSE_FILE
     return artifact
