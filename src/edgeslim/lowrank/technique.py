@@ -1,0 +1,262 @@
+"""The ``lowrank`` technique: factorize Linear and Conv2d layers, then optionally fine-tune with KD.
+
+Per layer: choose ranks from the weight's spectrum (:mod:`edgeslim.lowrank.rank`), factorize
+(truncated SVD for Linear and 1x1 convs, Tucker-2 for k x k convs), and keep the layer unchanged
+when the factors would not be smaller than it (the note says why). The plan is computed for every
+layer before any module is replaced, so bad ranks fail fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from edgeslim.config import TechniqueConfig
+from edgeslim.errors import ConfigError
+from edgeslim.lowrank.rank import (
+    energy_rank, evbmf, finish_rank, svd_params_rank, tucker2_energy_ranks, tucker2_params_ranks,
+)
+from edgeslim.lowrank.svd import factorize_conv_svd, factorize_linear, svd_params
+from edgeslim.lowrank.tucker import captured_energy, factorize_conv, mode_singular_values, tucker2_params, unfold
+from edgeslim.registry import register
+from edgeslim.task import ModelArtifact, Task, count_samples
+
+__all__ = ["LayerPlan", "LowRankConfig", "apply_plan", "lowrank", "plan_ranks"]
+
+
+@dataclass(frozen=True)
+class LowRankConfig(TechniqueConfig):
+    """Low-rank factorization: SVD for Linear (and 1x1 convs), Tucker-2 for k x k convs (``auto``).
+
+    ``rank_by``: ``energy`` keeps the smallest rank holding ``energy`` of the squared singular
+    values; ``params`` fits ``params_fraction`` of each layer's weights; ``vbmf`` uses analytic
+    empirical VBMF (Nakajima et al. 2013; Kim et al. 2016); ``fixed`` uses ``rank`` everywhere.
+    ``layers`` names modules (a container selects the layers inside it; empty = all), ``exclude``
+    removes some. With ``epochs`` > 0 the factorized model is fine-tuned on ``task.train``,
+    distilling from the model entering the step when ``kd`` (Hinton et al. 2015).
+    """
+
+    method: Literal["auto", "svd", "tucker2"] = "auto"
+    rank_by: Literal["energy", "params", "vbmf", "fixed"] = "energy"
+    energy: float = 0.9
+    params_fraction: float = 0.5
+    rank: int | None = None
+    layers: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    round_to: int = 1
+    min_rank: int = 1
+    epochs: int = 0
+    lr: float = 1e-4
+    batch_size: int = 64
+    kd: bool = True
+    temperature: float = 4.0
+    alpha: float = 0.9
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not 0.0 < self.energy <= 1.0:
+            raise ConfigError(f"energy: must be in (0, 1], got {self.energy}")
+        if not 0.0 < self.params_fraction <= 1.0:
+            raise ConfigError(f"params_fraction: must be in (0, 1], got {self.params_fraction}")
+        if self.rank_by == "fixed" and self.rank is None:
+            raise ConfigError("rank: rank_by 'fixed' needs a rank")
+        if self.rank is not None and self.rank_by != "fixed":
+            raise ConfigError(f"rank: only used with rank_by 'fixed' (rank_by is {self.rank_by!r})")
+        if self.rank is not None and self.rank < 1:
+            raise ConfigError(f"rank: must be >= 1, got {self.rank}")
+        for name, low in (("round_to", 1), ("min_rank", 1), ("epochs", 0), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one layer: ``kind`` is ``svd``, ``tucker2`` or ``kept`` (then ``reason`` says why)."""
+
+    name: str
+    kind: str
+    ranks: tuple[int, ...]
+    params_before: int
+    params_after: int
+    reason: str = ""
+
+    def to_note(self) -> dict:
+        note = {"kind": self.kind, "ranks": list(self.ranks), "params_before": self.params_before,
+                "params_after": self.params_after}
+        return note | ({"reason": self.reason} if self.reason else {})
+
+
+# --------------------------------------------------------------------------------- layer choice
+def _inside(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def select_layers(model: nn.Module, layers: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+    """The Linear and Conv2d modules named by ``layers`` (or all) minus ``exclude``, in model order."""
+    modules = dict(model.named_modules())
+    for field, names in (("layers", layers), ("exclude", exclude)):
+        unknown = [n for n in names if n not in modules or n == ""]
+        if unknown:
+            raise ConfigError(f"{field}: no module named {', '.join(map(repr, unknown))} in {type(model).__name__}")
+    eligible = {n: m for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for n in layers:
+        if not any(_inside(e, n) for e in eligible):
+            raise ConfigError(f"layers: {n!r} is a {type(modules[n]).__name__} with no Linear or Conv2d inside")
+    chosen = {n: m for n, m in eligible.items() if not layers or any(_inside(n, p) for p in layers)}
+    return {n: m for n, m in chosen.items() if not any(_inside(n, p) for p in exclude)}
+
+
+def _weight_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+# ---------------------------------------------------------------------------------------- ranks
+def _svd_rank(name: str, matrix: torch.Tensor, config: LowRankConfig) -> int:
+    """Rank for ``matrix (out, in)`` per ``config.rank_by``, before rounding."""
+    full = min(matrix.shape)
+    if config.rank_by == "fixed":
+        if config.rank > full:
+            raise ConfigError(f"rank: {config.rank} exceeds the full rank {full} of layer {name!r} "
+                              f"(weight {tuple(matrix.shape)})")
+        return config.rank
+    if config.rank_by == "params":
+        return svd_params_rank(matrix.shape[0], matrix.shape[1], config.params_fraction)
+    s = torch.linalg.svdvals(matrix.detach().double())
+    if config.rank_by == "energy":
+        return energy_rank(s, config.energy)
+    return evbmf(s, tuple(matrix.shape)).rank
+
+
+def _tucker_ranks(name: str, kernel: torch.Tensor, config: LowRankConfig) -> tuple[int, int]:
+    """Tucker-2 ranks ``(R_out, R_in)`` per ``config.rank_by``, before rounding."""
+    c_out, c_in, kh, kw = kernel.shape
+    if config.rank_by == "fixed":
+        if config.rank > min(c_out, c_in):
+            raise ConfigError(f"rank: {config.rank} exceeds layer {name!r}'s channels (Cout {c_out}, Cin {c_in}) "
+                              "for Tucker-2; exclude the layer or lower the rank")
+        return config.rank, config.rank
+    if config.rank_by == "params":
+        return tucker2_params_ranks(c_out, c_in, kh * kw, config.params_fraction)
+    if config.rank_by == "energy":
+        return tucker2_energy_ranks(captured_energy(kernel), config.energy, kh * kw)
+    s_out, s_in = mode_singular_values(kernel)
+    return evbmf(s_out, tuple(unfold(kernel, 0).shape)).rank, evbmf(s_in, tuple(unfold(kernel, 1).shape)).rank
+
+
+def _kind(module: nn.Module, method: str) -> str | None:
+    """``svd``, ``tucker2``, or None with the layer kept (a reason is returned by :func:`_plan_layer`)."""
+    if isinstance(module, nn.Linear):
+        return "svd" if method != "tucker2" else None
+    if module.groups != 1:
+        return None
+    if method == "auto":
+        return "svd" if module.kernel_size == (1, 1) else "tucker2"
+    return method
+
+
+def _plan_layer(name: str, module: nn.Module, config: LowRankConfig) -> LayerPlan:
+    before = _weight_params(module)
+    kind = _kind(module, config.method)
+    if kind is None:
+        why = ("method 'tucker2' decomposes convs only" if isinstance(module, nn.Linear)
+               else f"grouped conv (groups={module.groups}) is not decomposed")
+        return LayerPlan(name, "kept", (), before, before, why)
+    bias = module.bias is not None
+    finish = lambda r, full: finish_rank(r, full, config.round_to, config.min_rank)  # noqa: E731
+    if kind == "svd":
+        w = module.weight.reshape(module.weight.shape[0], -1)  # (out, in) or (Cout, Cin*kh*kw)
+        ranks = (finish(_svd_rank(name, w, config), min(w.shape)),)
+        after = svd_params(w.shape[0], w.shape[1], ranks[0], bias)
+    else:
+        c_out, c_in, kh, kw = module.weight.shape
+        r_out, r_in = _tucker_ranks(name, module.weight, config)
+        ranks = (finish(r_out, c_out), finish(r_in, c_in))
+        after = tucker2_params(c_out, c_in, kh * kw, ranks, bias)
+    if after >= before:
+        return LayerPlan(name, "kept", ranks, before, before,
+                         f"{kind} at ranks {list(ranks)} needs {after} weights, not fewer than {before}")
+    return LayerPlan(name, kind, ranks, before, after)
+
+
+def plan_ranks(model: nn.Module, config: LowRankConfig) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per selected layer (raises ConfigError before any change is made)."""
+    chosen = select_layers(model, config.layers, config.exclude)
+    with Progress(disable=not config.progress, transient=True) as bar:
+        task = bar.add_task("low-rank: choosing ranks", total=len(chosen))
+        plans = []
+        for name, module in chosen.items():
+            plans.append(_plan_layer(name, module, config))
+            bar.advance(task)
+    return plans
+
+
+# ---------------------------------------------------------------------------------------- apply
+def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def apply_plan(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
+    """A copy of ``model`` with every planned layer replaced by its factors (``model`` is unchanged)."""
+    out = copy.deepcopy(model)
+    for p in plans:
+        if p.kind == "kept":
+            continue
+        module = out.get_submodule(p.name)
+        if p.kind == "tucker2":
+            new = factorize_conv(module, p.ranks)
+        elif isinstance(module, nn.Linear):
+            new = factorize_linear(module, p.ranks[0])
+        else:
+            new = factorize_conv_svd(module, p.ranks[0])
+        _set_module(out, p.name, new)
+    return out
+
+
+def _fine_tune(student: nn.Module, teacher: nn.Module, config: LowRankConfig, task: Task) -> nn.Module:
+    from edgeslim.distill.trainer import distill
+    from edgeslim.train import train
+
+    x, y = (task.train, None) if not isinstance(task.train, (tuple, list)) else task.train
+    common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
+              "progress": config.progress}
+    if config.kd:
+        return distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
+    return train(student, x, y, **common)
+
+
+@register("lowrank", LowRankConfig)
+def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArtifact:
+    """Low-rank factorization (SVD / Tucker-2) with ranks by energy, parameter budget, VBMF or fixed."""
+    if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("epochs: fine-tuning after lowrank needs training data (task.train is empty)")
+    teacher = model.float_copy("lowrank")
+    plans = plan_ranks(teacher, config)
+    done = [p for p in plans if p.kind != "kept"]
+    if not done:
+        reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans[:3]) or "no Linear or Conv2d layer selected"
+        raise ConfigError(f"lowrank: no layer would shrink at these settings ({reasons})")
+    student = apply_plan(teacher, plans)
+    if config.epochs > 0:
+        student = _fine_tune(student, teacher, config, task)
+    before, after = sum(p.params_before for p in plans), sum(p.params_after for p in plans)
+    notes = {**model.notes, "lowrank": {
+        "method": config.method, "rank_by": config.rank_by, "layers": {p.name: p.to_note() for p in plans},
+        "factorized": len(done), "kept": len(plans) - len(done), "params_before": before, "params_after": after,
+        "fine_tune_epochs": config.epochs,
+    }}
+    return ModelArtifact(torch=student.eval(), notes=notes, files=dict(model.files))
