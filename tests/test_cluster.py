@@ -95,6 +95,7 @@ def test_shared_gradient_fine_tune_keeps_the_weights_on_the_codebook():
     finalize(model)
     w = model[1].weight.detach()
     assert not torch.equal(book, start)  # the centroids did move
+    assert model[1].weight.grad is None and model[1].weight.shape == (48, 64)
     assert torch.equal(w == 0, zeros)
     assert torch.isin(w[w != 0], book).all()
 
@@ -245,6 +246,7 @@ def test_technique_file_decodes_to_the_returned_model_and_keeps_pruned_zeros(ima
     w0 = out.torch[0].weight
     assert torch.equal(w0 == 0, pruned[0].weight == 0) and len(_distinct_nonzero(w0)) > 16
     assert out.notes["cluster"]["bits"] == {"4": 4, "7": 3}
+    _task(images, pruned).export(out.torch)  # the fine-tuned model exports (validated against ORT)
 
 
 def test_technique_names_an_unknown_layer_and_missing_training_data(images):

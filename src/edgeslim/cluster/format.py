@@ -239,9 +239,9 @@ def _decode_tensor(t: dict, data: bytes) -> torch.Tensor:
     return torch.from_numpy(flat.copy()).view(torch_dtype).reshape(shape)
 
 
-def decode_state(data: bytes, where: str = "compressed file") -> dict[str, torch.Tensor]:
-    """The state dict back from :func:`encode_state`'s bytes; CheckpointError naming ``where`` and
-    the tensor when the file is not one, is truncated or is corrupt."""
+def read_header(data: bytes, where: str = "compressed file") -> list[dict]:
+    """The header's tensor entries (name, shape, layout, sizes of every section), checked against
+    the file's length; CheckpointError naming ``where`` for a bad magic, version or truncation."""
     if len(data) < _PREFIX.size or data[:4] != MAGIC:
         raise CheckpointError(f"{where}: not an edgeslim Deep Compression file (bad magic {bytes(data[:4])!r})")
     _, version, hlen = _PREFIX.unpack_from(data)
@@ -258,9 +258,17 @@ def decode_state(data: bytes, where: str = "compressed file") -> dict[str, torch
     if start + sum(sizes) != len(data):
         state = "truncated" if start + sum(sizes) > len(data) else "has trailing bytes"
         raise CheckpointError(f"{where}: {state}: header promises {start + sum(sizes)} bytes, file has {len(data)}")
+    return tensors
+
+
+def decode_state(data: bytes, where: str = "compressed file") -> dict[str, torch.Tensor]:
+    """The state dict back from :func:`encode_state`'s bytes; CheckpointError naming ``where`` and
+    the tensor when the file is not one, is truncated or is corrupt."""
+    tensors = read_header(data, where)
     state: dict[str, torch.Tensor] = {}
-    at = start
-    for t, n in zip(tensors, sizes):
+    at = _PREFIX.size + int.from_bytes(data[5:9], "little")
+    for t in tensors:
+        n = int(t["nbytes"])
         try:
             state[t["name"]] = _decode_tensor(t, data[at : at + n])
         except (ValueError, KeyError, TypeError, DataError) as err:

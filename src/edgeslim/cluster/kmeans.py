@@ -142,4 +142,7 @@ def finalize(model: nn.Module) -> nn.Module:
             isinstance(p, SharedWeight) for p in module.parametrizations.weight
         ):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            # the removal reuses the codebook's Parameter object for the weight: drop its (k,)
+            # gradient, which no longer fits the weight's shape (torch.export refuses it)
+            module.weight.grad = None
     return model

@@ -1,0 +1,279 @@
+"""Deep Compression (Han et al. 2016) on MNIST: prune -> weight sharing -> Huffman, LeNet-300-100 and LeNet-5.
+
+    python benchmarks/deep_compression.py [--quick] [--data-dir /work/shared/data/mnist]
+                                          [--pruned-dir DIR] [--json OUT]
+
+Paper ("Deep Compression", Table 1 and Tables 2-3): LeNet-300-100 1070 KB -> 27 KB (40x), top-1
+error 1.64% -> 1.58%; LeNet-5 1720 KB -> 44 KB (39x), 0.80% -> 0.74%. Per-layer pruning as in
+the paper's tables (weights kept: LeNet-300-100 8% / 9% / 26%; LeNet-5 66% / 12% / 8% / 19%);
+codebook bits as in the paper (LeNet-300-100: 6 everywhere; LeNet-5: conv 8, fc 5); relative
+indices 5 bits (fc) and 8 bits (conv).
+
+Steps per model (one thread for torch: on the 2 shared cores a second thread made training 15x
+slower): train the dense model (AdamW, one-cycle, batch 128); prune iteratively with
+:func:`edgeslim.prune.iterative_prune` (magnitude masks at the per-layer targets, retraining with
+the pruned weights held at zero) unless ``--pruned-dir`` gives checkpoints; cluster with the
+registered ``cluster`` technique (linear-init k-means, shared-gradient centroid fine-tune) which
+writes the Huffman-coded file; reload the file into a fresh model and check the decode is exact
+(same state dict, same test errors, bit-identical ONNX Runtime outputs).
+
+Sizes: ``size_bytes`` of the dense row is 4 bytes x parameters (float32), the baseline of every
+``compression`` figure; ``onnx_size_bytes`` is the dense ONNX file. The pruned row's size is the
+relative-index sparse file of :mod:`edgeslim.prune.sparse` (float32 values, 5-bit indices); the
+clustered row's is the whole written file (header, codebooks, Huffman streams, raw biases).
+Latency: ONNX Runtime, 1 thread, batch 1, interleaved medians; every graph holds dense float
+weights (unstructured zeros and shared values do not change the kernels), so no speedup is
+expected: the gain is storage. ``seconds``: time of the step that made the row (training,
+pruning + retraining, clustering + fine-tuning + encoding). int8_op_fraction: 0.0 (float graphs).
+
+``--pruned-dir DIR`` starts from the pruned checkpoints of ``benchmarks/prune_han.py --save-dir``
+(``DIR/<model>*pruned*.safetensors``, and the dense ``DIR/<model>*dense*.safetensors`` when
+present; without it the dense row is the retrained model's starting point and is left out).
+``--quick`` uses the bundled 5k sample (4k train, 1k test) with fewer epochs.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import finish, parser  # noqa: E402
+
+PAPER = {
+    "lenet300": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "dense_error_pct": 1.64, "error_pct": 1.58},
+    "lenet5": {"dense_kb": 1720, "compressed_kb": 44, "ratio": 39, "dense_error_pct": 0.80, "error_pct": 0.74},
+}
+TARGET = {"lenet300": (40.0, 45.0), "lenet5": (39.0, 42.0)}  # (target, stretch) compression ratios
+# fraction of weights pruned per layer (module name in build_model's Sequential), Han et al. 2016 Tables 2-3
+SPARSITY = {"lenet300": {"1": 0.92, "3": 0.91, "5": 0.74},
+            "lenet5": {"0": 0.34, "2": 0.88, "5": 0.92, "7": 0.81}}
+BITS = {"lenet300": {"conv_bits": 8, "fc_bits": 6}, "lenet5": {"conv_bits": 8, "fc_bits": 5}}
+# (dense epochs, prune rounds, retrain epochs per round, cluster fine-tune epochs)
+SCHEDULE = {"full": {"lenet300": (10, 3, 2, 2), "lenet5": (5, 3, 1, 1)},
+            "quick": {"lenet300": (10, 3, 2, 2), "lenet5": (6, 3, 2, 2)}}
+LR, BATCH = 1e-3, 128
+
+
+def _errors(model, x, y) -> int:
+    from edgeslim.train import evaluate_accuracy
+
+    return int(round((1 - evaluate_accuracy(model, x, y)) * len(y)))
+
+
+def _find(directory: Path, model: str, kind: str) -> Path | None:
+    hits = sorted(p for p in directory.glob(f"*{model}*{kind}*") if p.suffix in (".safetensors", ".pt", ".pth"))
+    hits = [p for p in hits if model != "lenet5" or "lenet300" not in p.name]
+    return hits[0] if hits else None
+
+
+def dense_and_pruned(name: str, split, schedule: tuple[int, int, int, int], pruned_dir: Path | None):
+    """(dense model or None, seconds, pruned model, seconds): trained here or loaded from ``pruned_dir``."""
+    import torch
+
+    from edgeslim.models import build_model
+    from edgeslim.prune import iterative_prune, magnitude_masks
+    from edgeslim.train import load_checkpoint, train
+
+    x, y = split.x_train, split.y_train
+    dense_epochs, rounds, retrain_epochs, _ = schedule
+    if pruned_dir is not None:
+        path = _find(pruned_dir, name, "pruned")
+        if path is None:
+            raise SystemExit(f"--pruned-dir: no {name}*pruned*.safetensors in {pruned_dir}")
+        dense_path = _find(pruned_dir, name, "dense")
+        dense = load_checkpoint(build_model(name), dense_path).eval() if dense_path else None
+        print(f"{name}: pruned checkpoint {path}" + (f", dense {dense_path}" if dense_path else ""), flush=True)
+        return dense, None, load_checkpoint(build_model(name), path).eval(), None
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    dense = train(build_model(name), x, y, epochs=dense_epochs, lr=LR, batch_size=BATCH, progress=False)
+    dense_s = time.perf_counter() - t0
+    print(f"{name}: dense trained in {dense_s:.0f} s, {_errors(dense, split.x_test, split.y_test)} errors", flush=True)
+    pruned = _copy(dense)
+    t0 = time.perf_counter()
+    targets = SPARSITY[name]
+
+    def mask_fn(model, ramp: float):
+        return magnitude_masks(model, 0.0, layers=list(targets), overrides={k: v * ramp for k, v in targets.items()})
+
+    def retrain(model, keep):
+        return train(model, x, y, epochs=retrain_epochs, lr=LR / 2, batch_size=BATCH, progress=False, after_step=keep)
+
+    iterative_prune(pruned, mask_fn, rounds, retrain)
+    pruned_s = time.perf_counter() - t0
+    print(f"{name}: pruned in {pruned_s:.0f} s, {_errors(pruned, split.x_test, split.y_test)} errors", flush=True)
+    return dense, dense_s, pruned.eval(), pruned_s
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def cluster(name: str, pruned, split, epochs: int):
+    """Run the registered ``cluster`` technique on the pruned model; returns (artifact, seconds)."""
+    import torch
+
+    from edgeslim.cluster import ClusterConfig, cluster_step
+    from edgeslim.task import ModelArtifact, Task
+
+    task = Task(pruned, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
+                evaluation=(split.x_test, split.y_test), train=(split.x_train, split.y_train))
+    config = ClusterConfig(**BITS[name], conv_index_bits=8, fc_index_bits=5, epochs=epochs, lr=1e-4,
+                           batch_size=BATCH, progress=False)
+    t0 = time.perf_counter()
+    out = cluster_step(ModelArtifact(pruned), config, task)
+    seconds = time.perf_counter() - t0
+    print(f"{name}: clustered in {seconds:.0f} s, file {len(out.files[out.size_file]):,} B", flush=True)
+    return out, config, seconds
+
+
+def layer_table(data: bytes) -> list[dict]:
+    """Per tensor of the file: layout, bits, density, bytes and bits per stored weight."""
+    from edgeslim.cluster.format import read_header
+
+    rows = []
+    for t in read_header(data):
+        numel = int(np.prod(t["shape"]))
+        row = {"tensor": t["name"], "layout": t["layout"], "bytes": t["nbytes"]}
+        if t["layout"] == "shared":
+            kept = t["entries"] - t["fillers"] if t["index"] else None
+            idx_bytes = t["index"]["alphabet"] + (t["index"]["nbits"] + 7) // 8 if t["index"] else 0
+            val_bytes = t["values"]["alphabet"] + (t["values"]["nbits"] + 7) // 8
+            row |= {"k": t["k"], "bits": t["bits"], "order": t["order"], "index_bits": t["index_bits"],
+                    "kept": kept, "fillers": t["fillers"], "codebook_bytes": 4 * t["k"], "index_bytes": idx_bytes,
+                    "value_bytes": val_bytes,
+                    "value_bits_per_entry": round(t["values"]["nbits"] / max(t["entries"], 1), 2),
+                    "index_bits_per_entry": round(t["index"]["nbits"] / max(t["entries"], 1), 2) if t["index"] else None,
+                    "numel": numel}
+        rows.append(row)
+    return rows
+
+
+def check_exact(name: str, out, path: Path, split, clustered_errors: int) -> tuple[object, dict]:
+    """Reload the written file into a fresh model; returns (reloaded model, checks)."""
+    import torch
+
+    from edgeslim.cluster import load_module
+    from edgeslim.models import build_model
+    from edgeslim.runtime import export_onnx, make_session
+    from edgeslim.runtime.ort import predict
+
+    reloaded = load_module(path, build_model(name))
+    ref = out.torch.state_dict()
+    same_state = all(torch.equal(v, ref[k]) for k, v in reloaded.state_dict().items())
+    reloaded_errors = _errors(reloaded, split.x_test, split.y_test)
+    example = (torch.as_tensor(split.x_test[:1]),)
+    a = predict(make_session(export_onnx(out.torch, example)), split.x_test)
+    b = predict(make_session(export_onnx(reloaded, example)), split.x_test)
+    onnx_errors = int((b.argmax(1) != split.y_test).sum())
+    checks = {"state_dict_equal": same_state, "reloaded_errors": reloaded_errors,
+              "errors_equal": reloaded_errors == clustered_errors, "onnx_outputs_bit_identical": bool(np.array_equal(a, b)),
+              "onnx_errors": onnx_errors}
+    print(f"{name}: decode exact: {checks}", flush=True)
+    return reloaded, checks
+
+
+def run_model(name: str, split, args, tmp: Path) -> tuple[list[dict], dict]:
+    import onnx
+    import torch
+
+    from edgeslim.prune import sparsity_of
+    from edgeslim.prune.sparse import encode_sparse
+    from edgeslim.runtime import compare_latency, export_onnx, size_bytes
+
+    schedule = SCHEDULE["quick" if args.quick else "full"][name]
+    dense, dense_s, pruned, pruned_s = dense_and_pruned(name, split, schedule, args.pruned_dir)
+    out, config, cluster_s = cluster(name, pruned, split, schedule[3])
+    data = out.files[out.size_file]
+    path = tmp / f"{name}.esdc"
+    path.write_bytes(data)
+    n_test = len(split.y_test)
+    errs = {"pruned": _errors(pruned, split.x_test, split.y_test),
+            "pruned_clustered_huffman": _errors(out.torch, split.x_test, split.y_test)}
+    if dense is not None:
+        errs["fp32"] = _errors(dense, split.x_test, split.y_test)
+    reloaded, checks = check_exact(name, out, path, split, errs["pruned_clustered_huffman"])
+
+    params = sum(p.numel() for p in pruned.parameters())
+    dense_bytes = 4 * params
+    example = (torch.as_tensor(split.x_test[:1]),)
+    models = {"fp32": dense, "pruned": pruned, "pruned_clustered_huffman": reloaded}
+    models = {k: m for k, m in models.items() if m is not None}
+    onnx_paths = {}
+    for method, model in models.items():
+        onnx_paths[method] = tmp / f"{name}_{method}.onnx"
+        onnx.save(export_onnx(model.eval(), example), onnx_paths[method])
+    lat = compare_latency(onnx_paths, np.ascontiguousarray(split.x_test[:1]), threads=1, warmup=50,
+                          runs=300 if args.quick else 1000, rounds=10)
+    base = "fp32" if "fp32" in lat else "pruned"
+    sizes = {"fp32": dense_bytes, "pruned": len(encode_sparse(pruned, index_bits=5)), "pruned_clustered_huffman": len(data)}
+    seconds = {"fp32": dense_s, "pruned": pruned_s, "pruned_clustered_huffman": cluster_s}
+    rows = []
+    for method in models:
+        m = models[method]
+        nonzero = sum(int((p != 0).sum()) for p in m.parameters())
+        rows.append({
+            "model": name, "method": method, "metric_name": "accuracy", "metric": 1 - errs[method] / n_test,
+            "errors": errs[method], "eval_samples": n_test, "size_bytes": sizes[method],
+            "compression": round(dense_bytes / sizes[method], 2), "dense_bytes": dense_bytes,
+            "onnx_size_bytes": size_bytes(onnx_paths[method]), "params": params, "nonzero_params": nonzero,
+            "weight_sparsity": round(sparsity_of(m), 4),
+            "latency_ms_p50": lat[method].p50_ms, "speedup_vs_fp32": lat[base].p50_ms / lat[method].p50_ms,
+            "int8_op_fraction": 0.0, "seconds": None if seconds[method] is None else round(seconds[method], 1),
+        })
+    by = {r["method"]: r for r in rows}
+    final = by["pruned_clustered_huffman"]
+    ref_errors = errs.get("fp32", errs["pruned"])
+    target, stretch = TARGET[name]
+    verdict = {
+        "compression": final["compression"], "target": target, "stretch": stretch,
+        "target_met": final["compression"] >= target, "stretch_met": final["compression"] >= stretch,
+        "errors": final["errors"], "reference_errors": ref_errors, "reference": "fp32" if "fp32" in errs else "pruned",
+        "error_not_worse": final["errors"] <= ref_errors, "decode_exact": all(
+            checks[k] for k in ("state_dict_equal", "errors_equal", "onnx_outputs_bit_identical")),
+        "checks": checks, "paper": PAPER[name], "config": config.to_dict(), "schedule": schedule,
+        "layers": layer_table(data),
+    }
+    return rows, verdict
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--pruned-dir", type=Path, default=None, help="Start from prune_han.py's pruned checkpoints.")
+    p.add_argument("--models", default="lenet300,lenet5", help="Comma-separated subset of lenet300,lenet5.")
+    args = p.parse_args()
+    import torch
+
+    from edgeslim.data import load_mnist_idx, load_mnist_sample
+
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
+    split = load_mnist_idx(args.data_dir) if args.data_dir and not args.quick else load_mnist_sample()
+    print(f"data: {split}", flush=True)
+    t0 = time.perf_counter()
+    rows, verdicts = [], {}
+    with tempfile.TemporaryDirectory(prefix="deep_compression.") as tmp:
+        for name in args.models.split(","):
+            if name not in SPARSITY:
+                raise SystemExit(f"--models: unknown model {name!r} (known: {', '.join(SPARSITY)})")
+            model_rows, verdicts[name] = run_model(name, split, args, Path(tmp))
+            rows += model_rows
+    total = round(time.perf_counter() - t0, 1)
+    finish("deep_compression", rows, args, {"data": split.name, "total_seconds": total, "verdict": verdicts})
+    for name, v in verdicts.items():
+        scale = "" if split.name == "mnist" else f" (on {len(split.y_test)} test images)"
+        print(f"{name}: {v['compression']:.1f}x (target {v['target']:.0f}x: {'met' if v['target_met'] else 'MISSED'}, "
+              f"stretch {v['stretch']:.0f}x: {'met' if v['stretch_met'] else 'missed'}), errors {v['errors']} vs "
+              f"{v['reference']} {v['reference_errors']}{scale}, decode exact: {v['decode_exact']}")
+    print(f"total {total} s")
+
+
+if __name__ == "__main__":
+    main()
