@@ -119,7 +119,8 @@ def sensitivity_files(rows: list[dict[str, Any]], metric: str, base: float, scor
     lines = [f"# Per-layer sensitivity ({metric})", "", summary, "",
              f"| layer | op | SQNR dB (alone) | {metric} (alone) | drop | precision |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['layer']} | {r['op']} | {r['sqnr_db']:.1f} | {r['metric_alone']:.4f} | "
+        layer = r["layer"] + (f" ({r['module']})" if r.get("module", r["layer"]) != r["layer"] else "")
+        lines.append(f"| {layer} | {r['op']} | {r['sqnr_db']:.1f} | {r['metric_alone']:.4f} | "
                      f"{r['drop_alone']:+.4f} | {r['precision']} |")
     return {"sensitivity.md": "\n".join(lines) + "\n",
             "sensitivity.json": json.dumps({"fp32_metric": base, "mixed_metric": score, "budget": max_drop,

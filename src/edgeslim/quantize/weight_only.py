@@ -294,6 +294,7 @@ def _budgeted_bits(fp32: onnx.ModelProto, config: WeightOnlyConfig, task: Task
     """Per-layer sensitivity at ``bits``, then the fewest layers at ``high_bits`` that meet ``max_drop``."""
     from dataclasses import replace
 
+    from edgeslim.quantize.lower import layer_name
     from edgeslim.quantize.mixed import Evaluator, fewest_layers, sensitivity_files
 
     sites = find_linear_sites(fp32, ("MatMul", "Gemm"), config.exclude)
@@ -310,6 +311,9 @@ def _budgeted_bits(fp32: onnx.ModelProto, config: WeightOnlyConfig, task: Task
 
     rows = ev.sensitivity(names, lambda name: graph_with({name}), ref, base, f"int{config.bits}",
                           ["MatMulNBits"] * len(names))
+    modules = {node_label(s.node, s.index): layer_name(s.node) for s in sites}
+    for row in rows:
+        row["module"] = modules[row["layer"]]  # the torch module, where the exporter recorded it
 
     def mixed(high: set[str]) -> onnx.ModelProto:
         return quantize_weight_only_graph(fp32, replace(solo, layer_bits={**config.layer_bits,
