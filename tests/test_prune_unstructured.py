@@ -280,3 +280,14 @@ def test_select_ratios_stops_at_the_first_ratio_over_budget():
                       {"a": [0.90, 0.89, 0.80, 0.5], "b": [0.88, 0.90, 0.90, 0.90], "c": [0.90, 0.90, 0.895, 0.87]})
     assert select_ratios(toy, 0.011) == {"a": 0.5, "b": 0.0, "c": 0.75}
     assert select_ratios(toy, 0.05) == {"a": 0.5, "b": 0.9, "c": 0.9}
+
+
+def test_nm_technique_prunes_half_of_every_group_and_stores_it_exactly():
+    task = _task()
+    out = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(n=2, m=4, progress=False), task)
+    for name, p in out.torch.named_parameters():
+        if name.endswith("weight"):
+            assert bool(((p.reshape(-1, 4) != 0).sum(1) <= 2).all()), name
+    assert out.notes["sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(out.torch.state_dict().values(),
+                                                 decode_sparse(out.files["weights.sparse"]).values()))

@@ -81,10 +81,11 @@ class PruneMagnitudeConfig(TechniqueConfig):
             raise ConfigError(f"index_bits: must be <= 16, got {self.index_bits}")
         if self.schedule != "one_shot" and self.epochs < 1:
             raise ConfigError(f"epochs: the {self.schedule} schedule prunes while fine-tuning; set epochs >= 1")
-        for name, value in (("lr", self.lr), ("weight_decay", self.weight_decay + 1.0),
-                            ("temperature", self.temperature + 1.0)):
-            if not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"{name}: must be {'> 0' if name == 'lr' else '>= 0'}, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"lr: must be > 0, got {self.lr}")
+        for name in ("weight_decay", "temperature"):  # temperature 0 = plain cross-entropy fine-tune
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
 

@@ -1,0 +1,204 @@
+"""Han et al. 2015 magnitude pruning of LeNet-300-100 and LeNet-5 on MNIST, measured on ONNX Runtime.
+
+    python benchmarks/prune_han.py [--quick] [--data-dir ../shared/data/mnist] [--json OUT] [--md OUT]
+                                   [--save-dir DIR]
+
+Paper ("Learning both Weights and Connections for Efficient Neural Networks", table 1 and 2):
+LeNet-300-100 1.64% -> 1.59% error at 12x fewer weights (kept 8% / 9% / 26% per layer), LeNet-5
+0.80% -> 0.77% at 12x (kept 66% / 12% / 8% / 19%): conv layers are more sensitive than FC layers.
+
+Here: each dense model is trained with the project's loop (AdamW with decoupled weight decay,
+one-cycle LR, batch 128, seed 0), then pruned with Han's iterative schedule through
+``edgeslim.prune``: ``ROUNDS`` rounds of magnitude pruning to a rising share of the per-layer
+targets (cubic ramp), each followed by retraining with the pruned weights held at zero. The
+per-layer kept fractions (``KEEP``) are a little below the paper's, aiming at >= 15x.
+
+Figures: errors of the 10,000 test images computed from ONNX Runtime outputs; ``params`` dense
+parameter count, ``nonzero_params`` what pruning keeps (biases included); ``compression`` =
+params / nonzero_params; ``size_bytes`` the dense ONNX file, or for a pruned model its
+``edgeslim.prune.sparse`` file (relative indices in 5 bits + float32 values, exact decode);
+latency: ORT, 1 thread, batch 1, dense and pruned interleaved (``compare_latency``). Unstructured
+zeros are still multiplied by ORT's dense kernels, so no speedup is expected: the row says what
+was measured. ``seconds`` is the training (dense) or prune + retrain time.
+
+``--save-dir DIR`` writes ``lenet300_dense.safetensors``, ``lenet300_pruned.safetensors``,
+``lenet5_dense.safetensors`` and ``lenet5_pruned.safetensors`` (state dicts of the zoo models
+``build_model("lenet300"|"lenet5")``; pruned weights are exact zeros) for the Deep Compression
+benchmark to start from. ``--quick`` uses the bundled 5k MNIST sample (4k train, 1k test).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import finish, parser  # noqa: E402
+
+PAPER = {"lenet300": {"dense_error_pct": 1.64, "pruned_error_pct": 1.59, "compression": 12.0},
+         "lenet5": {"dense_error_pct": 0.80, "pruned_error_pct": 0.77, "compression": 12.0}}
+# Kept fraction per layer (module names of the zoo's nn.Sequential). Paper: 8/9/26 and 66/12/8/19 %.
+KEEP = {"lenet300": {"1": 0.06, "3": 0.08, "5": 0.25},
+        "lenet5": {"0": 0.66, "2": 0.12, "5": 0.055, "7": 0.15}}
+ROUNDS = 3
+TARGET, STRETCH = 12.0, 15.0
+
+
+def settings(quick: bool) -> dict[str, dict[str, float]]:
+    """Epochs and learning rates per model. The full run's epochs are few (LeNet-5: 4 dense + 3 x 2
+    retraining) so that it fits on 2 cores shared with other jobs (an epoch of LeNet-5 on 60k
+    images took minutes, not the 10-30 s of an idle machine)."""
+    if quick:
+        return {"lenet300": {"dense_epochs": 10, "retrain_epochs": 4, "lr": 2e-3, "retrain_lr": 1e-3},
+                "lenet5": {"dense_epochs": 10, "retrain_epochs": 4, "lr": 2e-3, "retrain_lr": 1e-3}}
+    return {"lenet300": {"dense_epochs": 8, "retrain_epochs": 4, "lr": 2e-3, "retrain_lr": 1e-3},
+            "lenet5": {"dense_epochs": 4, "retrain_epochs": 2, "lr": 2e-3, "retrain_lr": 1e-3}}
+
+
+WEIGHT_DECAY, BATCH = 0.05, 128
+
+
+def nonzero_params(model) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
+
+
+def run_model(name: str, split, cfg: dict, tmp: Path, save_dir: Path | None) -> list[dict]:
+    """Train dense, prune iteratively, measure both on ORT; returns the two rows."""
+    import onnx
+    import torch
+
+    from edgeslim.models import build_model
+    from edgeslim.pipeline import evaluate_onnx
+    from edgeslim.prune import PruneMagnitudeConfig, layer_sparsity, save_sparse
+    from edgeslim.prune.magnitude_technique import prune_model
+    from edgeslim.runtime import compare_latency, count_params, export_onnx, size_bytes
+    from edgeslim.task import Task
+    from edgeslim.train import save_checkpoint, train
+
+    torch.manual_seed(0)
+    x, y = split.x_train, split.y_train
+    t0 = time.perf_counter()
+    dense = train(build_model(name), x, y, epochs=int(cfg["dense_epochs"]), lr=cfg["lr"], batch_size=BATCH,
+                  weight_decay=WEIGHT_DECAY, seed=0, progress=False)
+    dense_s = time.perf_counter() - t0
+    print(f"{name}: dense trained in {dense_s:.0f} s", flush=True)
+    task = Task(dense, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
+                evaluation=(split.x_test, split.y_test), train=(x, y))
+    config = PruneMagnitudeConfig(sparsity=0.0, overrides={k: 1.0 - v for k, v in KEEP[name].items()},
+                                  schedule="iterative", rounds=ROUNDS, epochs=int(cfg["retrain_epochs"]),
+                                  lr=cfg["retrain_lr"], batch_size=BATCH, weight_decay=WEIGHT_DECAY, progress=False)
+    t0 = time.perf_counter()
+    pruned, _ = prune_model(dense, config, task)
+    pruned_s = time.perf_counter() - t0
+    print(f"{name}: pruned + retrained in {pruned_s:.0f} s", flush=True)
+
+    paths = {}
+    for method, model in (("fp32", dense), ("pruned", pruned)):
+        paths[method] = tmp / f"{name}_{method}.onnx"
+        onnx.save(task.export(model), paths[method])
+    sparse_path = tmp / f"{name}_pruned.sparse"
+    sparse_bytes = save_sparse(pruned, sparse_path, index_bits=5)
+    if save_dir is not None:
+        save_checkpoint(dense, save_dir / f"{name}_dense.safetensors")
+        save_checkpoint(pruned, save_dir / f"{name}_pruned.safetensors")
+    lat = compare_latency(paths, np.ascontiguousarray(split.x_test[:1]), threads=1, warmup=100,
+                          runs=1000 if len(split.y_test) > 5000 else 400, rounds=10)
+    n_test, n_params = len(split.y_test), count_params(onnx.load(paths["fp32"]))
+    rows = []
+    for method, model, seconds in (("fp32", dense, dense_s), ("prune_iterative", pruned, pruned_s)):
+        key = "fp32" if method == "fp32" else "pruned"
+        acc = evaluate_onnx(paths[key], task)
+        nz = nonzero_params(model)
+        rows.append({
+            "model": name, "method": method, "metric_name": "accuracy", "metric": acc,
+            "size_bytes": size_bytes(paths[key]) if key == "fp32" else sparse_bytes,
+            "latency_ms_p50": lat[key].p50_ms, "speedup_vs_fp32": lat["fp32"].p50_ms / lat[key].p50_ms,
+            "int8_op_fraction": 0.0, "seconds": round(seconds, 1),
+            "errors": round((1 - acc) * n_test), "error_pct": round(100 * (1 - acc), 2), "eval_samples": n_test,
+            "params": n_params, "nonzero_params": nz, "compression": round(n_params / nz, 2),
+            "onnx_size_bytes": size_bytes(paths[key]),
+            "size_ratio_vs_fp32_onnx": round(size_bytes(paths["fp32"]) / (size_bytes(paths[key]) if key == "fp32"
+                                                                           else sparse_bytes), 2),
+            "layer_kept": {k.removesuffix(".weight"): round(1 - v, 4) for k, v in layer_sparsity(model).items()},
+            "paper_error_pct": PAPER[name]["dense_error_pct" if key == "fp32" else "pruned_error_pct"],
+        })
+    return rows
+
+
+def verdict(rows: list[dict], data: str) -> dict:
+    """Targets per model: compression >= 12x (stretch 15x) at a test error no worse than dense."""
+    out = {}
+    for name in PAPER:
+        dense = next(r for r in rows if r["model"] == name and r["method"] == "fp32")
+        pruned = next(r for r in rows if r["model"] == name and r["method"] != "fp32")
+        out[name] = {"compression": pruned["compression"], "dense_errors": dense["errors"],
+                     "pruned_errors": pruned["errors"], "error_not_worse": pruned["errors"] <= dense["errors"],
+                     "target_12x": pruned["compression"] >= TARGET, "stretch_15x": pruned["compression"] >= STRETCH,
+                     "sparse_file_vs_dense_onnx": pruned["size_ratio_vs_fp32_onnx"],
+                     "pruned_latency_ratio": round(1 / pruned["speedup_vs_fp32"], 3)}
+    return {"data": data, "models": out}
+
+
+def markdown(rows: list[dict], summary: dict, command: str) -> str:
+    """The BENCHMARKS.md section: command, table and targets."""
+    lines = ["## Magnitude pruning (Han et al. 2015): LeNet-300-100 and LeNet-5 on MNIST", "", "```",
+             command, "```", "",
+             "| model | method | test errors | error % (paper) | nonzero / params | compression | size (bytes) "
+             "| latency p50 ms | speedup | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['errors']} / {r['eval_samples']} | {r['error_pct']:.2f} "
+                     f"({r['paper_error_pct']:.2f}) | {r['nonzero_params']:,} / {r['params']:,} | "
+                     f"{r['compression']:.1f}x | {r['size_bytes']:,} | {r['latency_ms_p50']:.4f} | "
+                     f"{r['speedup_vs_fp32']:.2f}x | {r['seconds']} |")
+    lines.append("")
+    for name, v in summary["models"].items():
+        kept = next(r for r in rows if r["model"] == name and r["method"] != "fp32")["layer_kept"]
+        lines.append(f"- **{name}**: {v['compression']}x fewer weights (target 12x "
+                     f"{'met' if v['target_12x'] else 'missed'}, stretch 15x {'met' if v['stretch_15x'] else 'missed'}); "
+                     f"{v['pruned_errors']} vs {v['dense_errors']} dense errors "
+                     f"({'no worse: met' if v['error_not_worse'] else 'worse: missed'}); sparse file "
+                     f"{v['sparse_file_vs_dense_onnx']}x smaller than the dense ONNX; pruned/dense latency "
+                     f"{v['pruned_latency_ratio']} (unstructured zeros run through dense kernels); kept per layer "
+                     + ", ".join(f"{k} {100 * f:.1f}%" for k, f in kept.items()) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--save-dir", type=Path, default=None,
+                   help="Write dense and pruned state dicts (safetensors) here for benchmarks/deep_compression.py.")
+    p.add_argument("--md", type=Path, default=None, help="Write the markdown section for BENCHMARKS.md here.")
+    args = p.parse_args()
+    import shlex
+
+    import torch
+
+    from edgeslim import io
+    from edgeslim.data import load_mnist_idx, load_mnist_sample
+
+    torch.set_flush_denormal(True)
+    # One intra-op thread: on 2 cores shared with other jobs, 2 torch threads spin against each
+    # other (measured 2.5x slower per epoch than 1 thread under load).
+    torch.set_num_threads(1)
+    split = load_mnist_idx(args.data_dir) if args.data_dir and not args.quick else load_mnist_sample()
+    tmp = Path(tempfile.mkdtemp(prefix="prune_han."))
+    rows, t_start = [], time.perf_counter()
+    for name, cfg in settings(args.quick).items():
+        rows += run_model(name, split, cfg, tmp, args.save_dir)
+    summary = verdict(rows, split.name)
+    summary["total_seconds"] = round(time.perf_counter() - t_start)
+    summary["settings"] = {"keep": KEEP, "rounds": ROUNDS, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH,
+                           **settings(args.quick)}
+    finish("prune_han", rows, args, {"verdict": summary})
+    if args.md is not None:
+        io.write_text(args.md, markdown(rows, summary, "python " + " ".join(shlex.quote(a) for a in sys.argv)))
+        print(f"wrote {args.md}")
+    print(summary)
+
+
+if __name__ == "__main__":
+    main()
