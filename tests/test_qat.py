@@ -178,3 +178,30 @@ def test_config_round_trip_and_registration():
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^step\.{field}: "):
         QATConfig.from_dict({field: value})
+
+
+def test_qat_after_a_prune_step_keeps_the_zeros(digits):
+    """A recipe chain prune -> QAT: QAT training must not regrow pruned weights, and the int8 graph
+    ORT runs carries them as integer zeros."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeslim.prune.magnitude_technique import PruneMagnitudeConfig
+
+    model = train(mlp(), digits.x_train, digits.y_train, epochs=15, lr=3e-3, progress=False)
+    task = make_task(model, digits, n_train=512)
+    pruned = registry.get("prune_magnitude").fn(ModelArtifact(model), PruneMagnitudeConfig(sparsity=0.6, progress=False),
+                                                task)
+    zeros = {n: p == 0 for n, p in pruned.torch.named_parameters() if n.endswith("weight")}
+    assert sum(int(z.sum()) for z in zeros.values()) >= 0.6 * (64 * 32 + 32 * 10) - 2
+    art, qat = quantization_aware_training(pruned, QATConfig(epochs=1, lr=1e-3, progress=False), task)
+    trained = dict(qat.source.named_parameters())
+    for name, z in zeros.items():
+        assert bool((trained[name][z] == 0).all()), name  # not one pruned weight regrew
+    int8 = [numpy_helper.to_array(i) for i in art.onnx.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    weights = [w for w in int8 if w.ndim == 2]  # the two Linear weights (biases are int32)
+    assert sum(w.size for w in weights) == 64 * 32 + 32 * 10
+    assert sum(int((w == 0).sum()) for w in weights) >= sum(int(z.sum()) for z in zeros.values())
+    from edgeslim.train import evaluate_accuracy
+
+    assert ort_accuracy(art.onnx, digits) >= evaluate_accuracy(pruned.torch, digits.x_test, digits.y_test) - 0.03

@@ -290,8 +290,11 @@ def _param_groups(qat: QATModel, lr: float) -> list[dict]:
     return groups
 
 
-def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[int, QATModel], None] | None = None) -> QATModel:
-    """Fine-tune the fake-quant model with cross-entropy, AdamW and cosine decay (deterministic)."""
+def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[int, QATModel], None] | None = None,
+              after_step: Callable[[], None] | None = None) -> QATModel:
+    """Fine-tune the fake-quant model with cross-entropy, AdamW and cosine decay (deterministic).
+
+    ``after_step()`` runs after every optimizer step (a pruned model's masks are re-applied there)."""
     x, y = (data, None) if isinstance(data, torch.utils.data.DataLoader) else data
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
@@ -310,6 +313,9 @@ def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[in
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
             sched.step()
             seen += len(yb)
             correct += int((logits.argmax(1) == yb).sum())
@@ -377,7 +383,7 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
     qat = prepare_qat(model.torch, task, config)
     size = min(config.batch_size, config.calibration_samples)
     samples = calibrate_qat(qat, (x for x, _ in task.calibration_batches(size, limit=config.calibration_samples)))
-    train_qat(qat, task.train, config)
+    train_qat(qat, task.train, config, after_step=_mask_keeper(model, qat))
     float_model, qdq = convert_qat(qat, task, config.activation_dtype)
     diff, step = integer_parity(qat, qdq, next(x for x, _ in task.calibration_batches(32)))
     if diff > PARITY_MAX_STEPS * step + 1e-6:
@@ -386,6 +392,29 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
     notes = {"qat_epochs": config.epochs, "calibration_samples": samples, "parity_max_abs_diff": diff,
              "parity_output_steps": diff / step}
     return ModelArtifact(torch=float_model, onnx=qdq, notes=notes), qat
+
+
+def _mask_keeper(model: ModelArtifact, qat: QATModel) -> Callable[[], None] | None:
+    """After a pruning step: re-zero the pruned weights of the QAT model after each step (QAT on a
+    pruned model must not regrow them). The fake-quant layers wrap the very modules of
+    ``qat.source``, so the masks apply to its parameters by their original names; a zero weight
+    quantizes to the integer 0 (symmetric weight grid), so the exported graph keeps the sparsity."""
+    from edgeslim.prune.magnitude_technique import pruned_masks
+
+    masks = pruned_masks(model)
+    if not masks:
+        return None
+    params = dict(qat.source.named_parameters())
+    missing = sorted(set(masks) - set(params))
+    if missing:
+        raise ModelError(f"qat_int8: pruned layer {missing[0]!r} is not a parameter of the model entering QAT")
+    pairs = [(params[name], mask) for name, mask in masks.items()]
+
+    def keep() -> None:
+        for p, mask in pairs:
+            p.mul_(mask.to(p.dtype))
+
+    return keep
 
 
 @register("qat_int8", QATConfig)
