@@ -1,7 +1,7 @@
 """Han et al. 2015 magnitude pruning of LeNet-300-100 and LeNet-5 on MNIST, measured on ONNX Runtime.
 
     python benchmarks/prune_han.py [--quick] [--data-dir ../shared/data/mnist] [--json OUT] [--md OUT]
-                                   [--save-dir DIR]
+                                   [--save-dir DIR] [--sensitivity-dir DIR]
 
 Paper ("Learning both Weights and Connections for Efficient Neural Networks", table 1 and 2):
 LeNet-300-100 1.64% -> 1.59% error at 12x fewer weights (kept 8% / 9% / 26% per layer), LeNet-5
@@ -24,7 +24,9 @@ was measured. ``seconds`` is the training (dense) or prune + retrain time.
 ``--save-dir DIR`` writes ``lenet300_dense.safetensors``, ``lenet300_pruned.safetensors``,
 ``lenet5_dense.safetensors`` and ``lenet5_pruned.safetensors`` (state dicts of the zoo models
 ``build_model("lenet300"|"lenet5")``; pruned weights are exact zeros) for the Deep Compression
-benchmark to start from. ``--quick`` uses the bundled 5k MNIST sample (4k train, 1k test).
+benchmark to start from. ``--sensitivity-dir DIR`` also writes each dense model's per-layer
+sensitivity (accuracy with one layer pruned, no retraining; Han's fig. 6) as a markdown table
+and a plot. ``--quick`` uses the bundled 5k MNIST sample (4k train, 1k test).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ PAPER = {"lenet300": {"dense_error_pct": 1.64, "pruned_error_pct": 1.59, "compre
 KEEP = {"lenet300": {"1": 0.06, "3": 0.08, "5": 0.25},
         "lenet5": {"0": 0.66, "2": 0.12, "5": 0.055, "7": 0.15}}
 ROUNDS = 3
+SENSITIVITY_RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
 TARGET, STRETCH = 12.0, 15.0
 
 
@@ -66,7 +69,17 @@ def nonzero_params(model) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
-def run_model(name: str, split, cfg: dict, tmp: Path, save_dir: Path | None) -> list[dict]:
+def sensitivity(name: str, model, task, out_dir: Path) -> None:
+    """Han et al.'s fig. 6 for the dense model: accuracy with one layer pruned at a time (no retraining),
+    computed in PyTorch; writes prune_han_sensitivity_<model>.md and .png under ``out_dir``."""
+    from edgeslim.prune.sensitivity import analyze, plot_sensitivity, task_evaluator, write_table
+
+    result = analyze(model, task_evaluator(task), SENSITIVITY_RATIOS, progress=False)
+    write_table(result, out_dir / f"prune_han_sensitivity_{name}.md")
+    plot_sensitivity(result, out_dir / f"prune_han_sensitivity_{name}.png")
+
+
+def run_model(name: str, split, cfg: dict, tmp: Path, args) -> list[dict]:
     """Train dense, prune iteratively, measure both on ORT; returns the two rows."""
     import onnx
     import torch
@@ -102,9 +115,11 @@ def run_model(name: str, split, cfg: dict, tmp: Path, save_dir: Path | None) -> 
         onnx.save(task.export(model), paths[method])
     sparse_path = tmp / f"{name}_pruned.sparse"
     sparse_bytes = save_sparse(pruned, sparse_path, index_bits=5)
-    if save_dir is not None:
-        save_checkpoint(dense, save_dir / f"{name}_dense.safetensors")
-        save_checkpoint(pruned, save_dir / f"{name}_pruned.safetensors")
+    if args.save_dir is not None:
+        save_checkpoint(dense, args.save_dir / f"{name}_dense.safetensors")
+        save_checkpoint(pruned, args.save_dir / f"{name}_pruned.safetensors")
+    if args.sensitivity_dir is not None:
+        sensitivity(name, dense, task, args.sensitivity_dir)
     lat = compare_latency(paths, np.ascontiguousarray(split.x_test[:1]), threads=1, warmup=100,
                           runs=1000 if len(split.y_test) > 5000 else 400, rounds=10)
     n_test, n_params = len(split.y_test), count_params(onnx.load(paths["fp32"]))
@@ -171,6 +186,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--save-dir", type=Path, default=None,
                    help="Write dense and pruned state dicts (safetensors) here for benchmarks/deep_compression.py.")
+    p.add_argument("--sensitivity-dir", type=Path, default=None,
+                   help="Also scan each dense model's per-layer pruning sensitivity; table and plot go here.")
     p.add_argument("--md", type=Path, default=None, help="Write the markdown section for BENCHMARKS.md here.")
     args = p.parse_args()
     import shlex
@@ -188,7 +205,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="prune_han."))
     rows, t_start = [], time.perf_counter()
     for name, cfg in settings(args.quick).items():
-        rows += run_model(name, split, cfg, tmp, args.save_dir)
+        rows += run_model(name, split, cfg, tmp, args)
     summary = verdict(rows, split.name)
     summary["total_seconds"] = round(time.perf_counter() - t_start)
     summary["settings"] = {"keep": KEEP, "rounds": ROUNDS, "weight_decay": WEIGHT_DECAY, "batch_size": BATCH,
