@@ -185,6 +185,22 @@ def test_dense_codebook_tensor_and_column_order_round_trip():
     assert all(torch.equal(back[k], state[k]) for k in state)
 
 
+def test_automatic_index_width_gives_the_smallest_file_and_decodes_exactly():
+    model = _prune(_mlp(), keep=0.1)
+    share_weights(model, {"1": 4, "3": 4})
+    finalize(model)
+    auto = encode_state(model, index_bits=None)
+    assert all(len(auto) <= len(encode_state(model, index_bits=b)) for b in range(1, 13))
+    back = decode_state(auto)
+    assert all(torch.equal(back[k], v) for k, v in model.state_dict().items())
+    config = ClusterConfig(fc_index_bits=None)
+    data = json.loads(json.dumps(config.to_dict()))
+    data.pop("technique")
+    assert ClusterConfig.from_dict(data) == config and config.fc_index_bits is None
+    with pytest.raises(ConfigError, match="^conv_index_bits: must be an integer in 1..16"):
+        ClusterConfig(conv_index_bits=0)
+
+
 def test_reloaded_module_and_onnx_are_bit_identical(tmp_path, images):
     from edgeslim.runtime import export_onnx, make_session, run
 

@@ -23,7 +23,9 @@ tensor's bytes in row-major order.
     "order"       "C" or "F": the tensor is flattened row-major or column-major (numpy ravel
                   order; "F" on a (out, in) Linear weight walks input columns, Han et al.'s CSC)
     "index_bits"  b, width of a relative index (Han et al. fig. 2), or null when every element
-                  is stored (no index stream: the denser layers)
+                  is stored (no index stream: the denser layers). The writer takes b from the
+                  caller, or with b unset tries 1 .. 12 and keeps the smallest file: after
+                  Huffman coding a wider index costs little, while each filler costs two codes
     "entries"     number of stored entries N (nonzeros + fillers; numel when index_bits is null)
     "fillers"     how many stored entries are fillers (zeros that bridge a gap > 2^b)
     "index"       {"alphabet": A, "nbits": n} of the index stream, or null
@@ -77,7 +79,8 @@ _DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
     "int16": (torch.int16, torch.int16), "int8": (torch.int8, torch.int8),
     "uint8": (torch.uint8, torch.uint8), "bool": (torch.bool, torch.uint8),
 }
-IndexBits = int | Mapping[str, int]
+IndexBits = int | None | Mapping[str, int | None]  # None: the width giving the smallest file
+AUTO_INDEX_BITS = range(1, 13)
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -109,7 +112,7 @@ def _shared_candidate(flat: np.ndarray, inverse: np.ndarray, k: int, index_bits:
              "index": i_head, "values": v_head}, i_data + v_data)
 
 
-def _shared(name: str, t: torch.Tensor, index_bits: int) -> tuple[dict, bytes] | None:
+def _shared(name: str, t: torch.Tensor, index_bits: int | None) -> tuple[dict, bytes] | None:
     """The smallest shared encoding of ``t``, or None when it is not a codebook tensor."""
     if t.dtype != torch.float32 or t.ndim < 2:
         return None
@@ -122,7 +125,7 @@ def _shared(name: str, t: torch.Tensor, index_bits: int) -> tuple[dict, bytes] |
         codebook, inverse = np.unique(flat[flat != 0], return_inverse=True)  # (k,) sorted, (nnz,)
         if len(codebook) > MAX_CODEBOOK:
             return None
-        for bits in (index_bits, None):
+        for bits in (*(AUTO_INDEX_BITS if index_bits is None else (index_bits,)), None):
             head, data = _shared_candidate(flat, inverse.reshape(-1), len(codebook), bits)
             if best is None or len(data) < len(best[1]):
                 best = ({"order": order, **head}, data)
@@ -144,14 +147,14 @@ def _state(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[st
     return model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
 
 
-def _index_bits_for(index_bits: IndexBits, name: str) -> int:
+def _index_bits_for(index_bits: IndexBits, name: str) -> int | None:
     if isinstance(index_bits, Mapping):
         layer = name.removesuffix(".weight")
         bits = index_bits.get(name, index_bits.get(layer, index_bits.get("*", 5)))
     else:
         bits = index_bits
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
-        raise ConfigError(f"index_bits: must be an integer in 1..16 for {name!r}, got {bits!r}")
+    if bits is not None and (isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16):
+        raise ConfigError(f"index_bits: must be an integer in 1..16 (or None: smallest file) for {name!r}, got {bits!r}")
     return bits
 
 
@@ -160,7 +163,8 @@ def encode_state(model_or_state: nn.Module | Mapping[str, torch.Tensor], index_b
     256 distinct nonzero values) in the "shared" layout, everything else raw.
 
     ``index_bits`` is one width for every tensor, or a mapping from tensor or layer name to width
-    (key ``"*"`` for the rest; 5 when absent).
+    (key ``"*"`` for the rest; 5 when absent); None picks, per tensor, the width in 1..12 that
+    gives the fewest bytes.
     """
     entries, chunks = [], []
     for name, t in _state(model_or_state).items():

@@ -34,7 +34,8 @@ class ClusterConfig(TechniqueConfig):
     """Weight sharing (Han et al. 2016): per-layer k-means with k = 2^bits, centroid fine-tune, Huffman file.
 
     Defaults follow the paper: 8 bits for conv layers and 5 for fully connected ones (codebook
-    indices), relative indices of 8 bits (conv) and 5 bits (fc). ``layer_bits`` overrides the width
+    indices), relative indices of 8 bits (conv) and 5 bits (fc; null picks the width giving the
+    smallest file). ``layer_bits`` overrides the width
     per layer (module name -> bits). ``layers`` (default: every Linear/Conv) and ``exclude`` select
     the layers. ``epochs: 0`` skips the fine-tune; ``temperature`` set fine-tunes with knowledge
     distillation from the model entering the step (``alpha`` weights the soft term).
@@ -45,8 +46,8 @@ class ClusterConfig(TechniqueConfig):
     layer_bits: dict[str, int] = field(default_factory=dict)
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    conv_index_bits: int = 8
-    fc_index_bits: int = 5
+    conv_index_bits: int | None = 8
+    fc_index_bits: int | None = 5
     epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 64
@@ -62,8 +63,8 @@ class ClusterConfig(TechniqueConfig):
             check_bits(bits, f"layer_bits.{name}")
         for name in ("conv_index_bits", "fc_index_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16:
-                raise ConfigError(f"{name}: must be an integer in 1..16, got {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16):
+                raise ConfigError(f"{name}: must be an integer in 1..16 (or null: smallest file), got {value!r}")
         if self.epochs < 0 or self.batch_size < 1:
             raise ConfigError(f"{'epochs' if self.epochs < 0 else 'batch_size'}: must be >= "
                               f"{0 if self.epochs < 0 else 1}, got {self.epochs if self.epochs < 0 else self.batch_size}")
@@ -79,7 +80,7 @@ def _module_names(model: nn.Module, names: tuple[str, ...] | list[str], where: s
     return [w.removesuffix("weight").removesuffix(".") for w in resolve_names(model, names, where)]
 
 
-def layer_plan(model: nn.Module, config: ClusterConfig) -> dict[str, tuple[int, int]]:
+def layer_plan(model: nn.Module, config: ClusterConfig) -> dict[str, tuple[int, int | None]]:
     """``{module name: (codebook bits, index bits)}`` for every layer the config clusters."""
     layers = clusterable_layers(model)
     chosen = _module_names(model, config.layers, "layers") if config.layers else list(layers)
@@ -115,7 +116,7 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int, int]], config: ClusterConfig,
+def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int, int | None]], config: ClusterConfig,
                task: Task) -> None:
     """Train the codebooks (and the unshared parameters) on ``task.train``; pruned zeros of layers
     that are not clustered are kept at zero after every step."""
