@@ -257,7 +257,7 @@ def markdown(rows: list[dict], verdicts: dict, data: str, total: float, command:
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['errors']} / {r['eval_samples']} | {r['size_bytes']:,} | "
                      f"{r['compression']:.1f}x | {r['onnx_size_bytes']:,} | {r['nonzero_params']:,} | "
-                     f"{r['latency_ms_p50']:.4f} | {r['speedup_vs_fp32']:.2f} | {r['seconds']} |")
+                     f"{r['latency_ms_p50']:.4f} | {r['speedup_vs_fp32']:.2f} | {'–' if r['seconds'] is None else r['seconds']} |")
     lines.append("")
     for name, v in verdicts.items():
         p = v["paper"]

@@ -120,7 +120,7 @@ def _shared(name: str, t: torch.Tensor, index_bits: int | None) -> tuple[dict, b
     if not np.isfinite(arr).all():
         return None
     best = None
-    for order in ("C", "F") if arr.ndim > 1 else ("C",):
+    for order in ("C", "F"):
         flat = arr.ravel(order=order)
         codebook, inverse = np.unique(flat[flat != 0], return_inverse=True)  # (k,) sorted, (nnz,)
         if len(codebook) > MAX_CODEBOOK:
@@ -170,7 +170,7 @@ def encode_state(model_or_state: nn.Module | Mapping[str, torch.Tensor], index_b
     for name, t in _state(model_or_state).items():
         if not isinstance(t, torch.Tensor):
             raise ConfigError(f"{name}: state entry is a {type(t).__name__}, not a tensor")
-        shared = _shared(name, t, _index_bits_for(index_bits, name)) if t.dtype == torch.float32 and t.ndim >= 2 else None
+        shared = _shared(name, t, _index_bits_for(index_bits, name))
         head, data = shared if shared is not None else _raw(name, t)
         entries.append(head)
         chunks.append(data)

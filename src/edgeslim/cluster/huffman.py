@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -97,66 +98,83 @@ def encode(symbols: np.ndarray, alphabet: int | None = None) -> Encoded:
     return Encoded(lengths=lengths, payload=np.packbits(bits).tobytes(), count=len(symbols), nbits=nbits)
 
 
-def decode(lengths: np.ndarray, payload: bytes, count: int, nbits: int) -> np.ndarray:
-    """Exact inverse of :func:`encode`: the (count,) int64 symbol stream.
+class _Table(NamedTuple):
+    """Canonical decoding table for code lengths 1..L (index 0 unused)."""
 
-    Every bit position p gets the symbol and length that would decode starting at p, from the
-    L-bit window at p (L = longest code) and the canonical code limits; the true symbol starts are
-    then followed from 0. DataError when the bits do not form ``count`` codes within ``nbits``.
-    """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if count == 0:
-        if nbits:
-            raise DataError(f"Huffman decode: {nbits} bits for an empty stream")
-        return np.zeros(0, dtype=np.int64)
-    if not lengths.any():
-        raise DataError("Huffman decode: no code lengths for a non-empty stream")
-    if len(payload) * 8 < nbits or len(payload) != (nbits + 7) // 8:
-        raise DataError(f"Huffman decode: payload of {len(payload)} bytes does not hold {nbits} bits")
+    symbols: np.ndarray  # (S,) symbols in canonical order (by length, then symbol)
+    first_index: np.ndarray  # (L+1,) position in `symbols` of the first code of each length
+    first_code: np.ndarray  # (L+1,) value of that first code
+    count: np.ndarray  # (L+1,) number of codes of each length
+    limit: np.ndarray  # (L,) uint64: end of length l's codes, left-justified to L bits
+    longest: int
+
+
+def _table(lengths: np.ndarray) -> _Table:
     big = int(lengths.max())
-    if big > MAX_CODE_LENGTH:
-        raise DataError(f"Huffman decode: code length {big} exceeds {MAX_CODE_LENGTH}")
     codes = canonical_codes(lengths)
-    by_len = np.lexsort((np.arange(len(lengths)), lengths))
-    by_len = by_len[lengths[by_len] > 0]  # symbols in canonical order
-    sorted_len = lengths[by_len]
-    # limit[l]: left-justified (to `big` bits) end of the code range of length l; a window w decodes
-    # to the shortest length l with w < limit[l] (canonical codes are ordered by length).
-    ls = np.arange(1, big + 1)
-    last = np.array([codes[by_len[sorted_len == n][-1]] + 1 if (sorted_len == n).any() else 0 for n in ls],
-                    dtype=object)
+    symbols = np.lexsort((np.arange(len(lengths)), lengths))
+    symbols = symbols[lengths[symbols] > 0]
+    count = np.bincount(lengths[symbols], minlength=big + 1)  # (L+1,)
+    first_index = np.cumsum(count) - count
+    first_code = np.zeros(big + 1, dtype=np.int64)
     limit = np.zeros(big, dtype=np.uint64)
-    running = 0
-    for i, n in enumerate(ls):
-        if last[i]:
-            running = int(last[i]) << (big - n)
-        limit[i] = running
-    first_index = {n: int(np.argmax(sorted_len == n)) for n in ls if (sorted_len == n).any()}
-    first_code = {n: int(codes[by_len[first_index[n]]]) for n in first_index}
+    end = 0  # a window w starts a code of the shortest length l with w < limit[l] (ranges are ordered)
+    for n in range(1, big + 1):
+        if count[n]:
+            first_code[n] = int(codes[symbols[first_index[n]]])
+            end = (int(first_code[n]) + int(count[n])) << (big - n)
+        limit[n - 1] = end
+    return _Table(symbols, first_index, first_code, count, limit, big)
 
-    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[:nbits]
-    padded = np.concatenate([bits, np.zeros(big, dtype=np.uint8)]).astype(np.uint64)
-    window = np.zeros(nbits, dtype=np.uint64)  # (nbits,) the `big` bits starting at each position
-    for k in range(big):
-        window = (window << np.uint64(1)) | padded[k : k + nbits]
-    lidx = np.minimum(np.searchsorted(limit, window, side="right"), big - 1)  # 0-based length index
-    step = (lidx + 1).astype(np.int64)  # code length at each bit position
 
+def _check_stream(lengths: np.ndarray, payload: bytes, count: int, nbits: int) -> None:
+    if count and not lengths.any():
+        raise DataError("Huffman decode: no code lengths for a non-empty stream")
+    if len(payload) != (nbits + 7) // 8:
+        raise DataError(f"Huffman decode: payload of {len(payload)} bytes does not hold {nbits} bits")
+    if count and int(lengths.max()) > MAX_CODE_LENGTH:
+        raise DataError(f"Huffman decode: code length {int(lengths.max())} exceeds {MAX_CODE_LENGTH}")
+
+
+def _starts(step: list[int], count: int, nbits: int) -> np.ndarray:
+    """Bit offsets of the ``count`` codes: each starts where the previous one's length ends."""
     starts = np.empty(count, dtype=np.int64)
-    nxt = step.tolist()
     p = 0
     for i in range(count):
         if p >= nbits:
             raise DataError(f"Huffman decode: stream ends after {i} of {count} symbols")
         starts[i] = p
-        p += nxt[p]
+        p += step[p]
     if p != nbits:
         raise DataError(f"Huffman decode: {count} symbols use {p} bits, header says {nbits}")
-    n_at = step[starts]
-    value = (window[starts] >> (big - n_at).astype(np.uint64)).astype(np.int64)
-    fi = np.array([first_index.get(int(n), -1) for n in range(big + 1)])
-    fc = np.array([first_code.get(int(n), 0) for n in range(big + 1)], dtype=np.int64)
-    rank = fi[n_at] + value - fc[n_at]
-    if (fi[n_at] < 0).any() or (rank < 0).any() or (rank >= len(by_len)).any() or (sorted_len[np.clip(rank, 0, len(by_len) - 1)] != n_at).any():
+    return starts
+
+
+def decode(lengths: np.ndarray, payload: bytes, count: int, nbits: int) -> np.ndarray:
+    """Exact inverse of :func:`encode`: the (count,) int64 symbol stream.
+
+    Every bit position p gets the length of the code that would start at p, from the L-bit window
+    at p (L = longest code) and the canonical code limits; the true code starts are then followed
+    from 0. DataError when the bits do not form ``count`` codes within ``nbits``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    _check_stream(lengths, payload, count, nbits)
+    if count == 0:
+        if nbits:
+            raise DataError(f"Huffman decode: {nbits} bits for an empty stream")
+        return np.zeros(0, dtype=np.int64)
+    t = _table(lengths)
+    big = t.longest
+    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))[:nbits]
+    padded = np.concatenate([bits, np.zeros(big, dtype=np.uint8)]).astype(np.uint64)
+    window = np.zeros(nbits, dtype=np.uint64)  # (nbits,) the L bits starting at each position
+    for k in range(big):
+        window = (window << np.uint64(1)) | padded[k : k + nbits]
+    step = np.minimum(np.searchsorted(t.limit, window, side="right"), big - 1) + 1  # (nbits,) code length
+    starts = _starts(step.tolist(), count, nbits)
+    n = step[starts]  # (count,) lengths of the codes
+    value = (window[starts] >> (big - n).astype(np.uint64)).astype(np.int64)  # the codes themselves
+    rank = t.first_index[n] + value - t.first_code[n]  # position in canonical order
+    if (t.count[n] == 0).any() or (value - t.first_code[n] >= t.count[n]).any() or (value < t.first_code[n]).any():
         raise DataError("Huffman decode: the bits contain an invalid code")
-    return by_len[rank].astype(np.int64)
+    return t.symbols[rank].astype(np.int64)
