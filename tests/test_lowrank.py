@@ -196,6 +196,20 @@ def test_layers_that_cannot_shrink_or_are_grouped_are_kept_with_a_reason():
     assert list(plans) == ["3"] and plans["3"].kind == "svd" and plans["3"].params_after == 128 + 4 + 4
 
 
+def test_method_picks_the_factorization_per_layer_type():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(32, 32)).eval()
+    x = torch.randn(2, 16, 6, 6)
+    fixed = {"rank_by": "fixed", "rank": 4, "progress": False}
+    kinds = {m: [p.kind for p in plan_ranks(model, LowRankConfig(method=m, **fixed))] for m in ("auto", "svd", "tucker2")}
+    assert kinds == {"auto": ["svd", "tucker2", "svd"], "svd": ["svd", "svd", "svd"],
+                     "tucker2": ["tucker2", "tucker2", "kept"]}
+    out = apply_plan(model, plan_ranks(model, LowRankConfig(method="svd", **fixed)))
+    assert [m.kernel_size for m in out[1]] == [(3, 3), (1, 1)] and out[1][0].out_channels == 4
+    assert out(x).shape == model(x).shape
+
+
 # ---------------------------------------------------------------------------- ONNX and pipeline
 def _task(images: np.ndarray, model: nn.Module | None = None, labels: np.ndarray | None = None) -> Task:
     labels = np.arange(len(images)) % 10 if labels is None else labels

@@ -104,7 +104,9 @@ def _inside(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def select_layers(model: nn.Module, layers: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> dict[str, nn.Module]:
+def select_layers(
+    model: nn.Module, layers: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+) -> dict[str, nn.Module]:
     """The Linear and Conv2d modules named by ``layers`` (or all) minus ``exclude``, in model order."""
     modules = dict(model.named_modules())
     for field, names in (("layers", layers), ("exclude", exclude)):
@@ -175,15 +177,15 @@ def _plan_layer(name: str, module: nn.Module, config: LowRankConfig) -> LayerPla
                else f"grouped conv (groups={module.groups}) is not decomposed")
         return LayerPlan(name, "kept", (), before, before, why)
     bias = module.bias is not None
-    finish = lambda r, full: finish_rank(r, full, config.round_to, config.min_rank)  # noqa: E731
+    rounding = (config.round_to, config.min_rank)
     if kind == "svd":
         w = module.weight.reshape(module.weight.shape[0], -1)  # (out, in) or (Cout, Cin*kh*kw)
-        ranks = (finish(_svd_rank(name, w, config), min(w.shape)),)
+        ranks = (finish_rank(_svd_rank(name, w, config), min(w.shape), *rounding),)
         after = svd_params(w.shape[0], w.shape[1], ranks[0], bias)
     else:
         c_out, c_in, kh, kw = module.weight.shape
         r_out, r_in = _tucker_ranks(name, module.weight, config)
-        ranks = (finish(r_out, c_out), finish(r_in, c_in))
+        ranks = (finish_rank(r_out, c_out, *rounding), finish_rank(r_in, c_in, *rounding))
         after = tucker2_params(c_out, c_in, kh * kw, ranks, bias)
     if after >= before:
         return LayerPlan(name, "kept", ranks, before, before,
