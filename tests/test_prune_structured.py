@@ -240,3 +240,13 @@ def test_fine_tune_without_train_data_is_a_config_error():
     task = _task(with_train=False)
     with pytest.raises(ConfigError, match="epochs"):
         prune_channels(ModelArtifact(task.model), PruneChannelsConfig(epochs=1, progress=False), task)
+
+
+def test_a_model_with_nothing_to_prune_is_an_error_not_a_silent_copy():
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((8, 1, 4, 4), dtype=np.float32)
+    y = np.arange(8) % 2
+    head_only = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()  # its outputs are the logits
+    task = Task(head_only, (torch.from_numpy(x[:1]),), calibration=(x, y), evaluation=(x, y))
+    with pytest.raises(ModelError, match="no prunable channel group"):
+        prune_channels(ModelArtifact(head_only), PruneChannelsConfig(progress=False), task)

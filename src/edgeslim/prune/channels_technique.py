@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from edgeslim.config import TechniqueConfig
-from edgeslim.errors import ConfigError
+from edgeslim.errors import ConfigError, ModelError
 from edgeslim.prune.graph import DependencyGraph, build_graph
 from edgeslim.prune.importance import IMPORTANCES, compute_importance
 from edgeslim.prune.structured import PrunePlan, channel_counts, check_ratio, plan_keep, remove_channels
@@ -119,9 +119,16 @@ def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task
     if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
         raise ConfigError("epochs: fine-tuning after pruning needs training data (task.train is empty); "
                           "set epochs: 0 or give train data")
+    if len(task.example_inputs) != 1:
+        raise ModelError(f"prune_channels: supports single-input models, this one takes {len(task.example_inputs)}")
     source = model.float_copy("prune_channels")
     example = task.example_inputs[0]
     pruned, graph, keep = prune_model(source, example, config, task)
+    if not graph.groups:
+        raise ModelError(f"prune_channels: {type(source).__name__} has no prunable channel group "
+                         "(every channel feeds the output or an op kept whole)")
+    if (config.ratio > 0 or config.overrides) and not channel_counts(graph, keep):
+        raise ConfigError(f"ratio: {config.ratio} removes no channel (groups too small for round_to={config.round_to}?)")
     if config.epochs > 0:
         pruned = _fine_tune(pruned, source, config, task)
     macs_after = dict(build_graph(copy.deepcopy(pruned), example).macs)

@@ -81,6 +81,7 @@ class DependencyGraph:
     groups: list[Group]
     macs: dict[str, int]
     layers: dict[str, nn.Module]  # every Conv/Linear/BN module by qualified name
+    norm_after: dict[str, str] = field(default_factory=dict)  # conv/linear -> the BatchNorm fed by its output
 
     def group_of(self, layer: str) -> Group | None:
         """The group whose channels ``layer`` produces (None: the layer's outputs are not prunable)."""
@@ -115,10 +116,7 @@ class _Atoms:
         if ra != rb:
             self.parent[max(ra, rb)] = min(ra, rb)
 
-    def is_blocked(self, a: int) -> bool:
-        return a in self._blocked_roots()
-
-    def _blocked_roots(self) -> set[int]:
+    def blocked_roots(self) -> set[int]:
         return {self.find(a) for a in self.blocked}
 
 
@@ -155,6 +153,7 @@ class _Builder:
         self.producers: list[tuple[str, list[int]]] = []
         self.macs: dict[str, int] = {}
         self.called: set[str] = set()
+        self.norm_after: dict[str, str] = {}
 
     # ------------------------------------------------------------------ helpers
     def _fail(self, node: torch.fx.Node, why: str) -> ModelError:
@@ -183,7 +182,7 @@ class _Builder:
         return self.atoms.new(shape[1] if shape is not None and len(shape) > 1 else 1, blocked=True)
 
     def _prunable(self, atoms: list[int]) -> bool:
-        roots = self.atoms._blocked_roots()
+        roots = self.atoms.blocked_roots()
         return any(self.atoms.find(a) not in roots for a in atoms)
 
     # ------------------------------------------------------------------ walk
@@ -217,6 +216,10 @@ class _Builder:
             if len(x) != mod.num_features:
                 raise self._fail(node, f"BatchNorm sees {len(x)} channels but has {mod.num_features}")
             self.records.append((name, "bn", 0, x))
+            arg = node.args[0]
+            if isinstance(arg, torch.fx.Node) and arg.op == "call_module" and len(arg.users) == 1 and \
+                    isinstance(self.modules[arg.target], (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                self.norm_after[str(arg.target)] = name  # conv -> BN: folded into one layer at export
             self.chan[node] = x
         elif isinstance(mod, _PASS_MODULES):
             self.chan[node] = x
@@ -347,7 +350,7 @@ class _Builder:
 
 def _groups(b: _Builder) -> list[Group]:
     atoms = b.atoms
-    blocked = atoms._blocked_roots()
+    blocked = atoms.blocked_roots()
     # Group channels: the connected atoms (roots) of each producer, in first-seen order.
     group_of_root: dict[int, int] = {}
     roots_of_group: list[list[int]] = []
@@ -399,4 +402,4 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> DependencyGraph:
     b.run()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear,
                                                                           nn.BatchNorm1d, nn.BatchNorm2d))}
-    return DependencyGraph(groups=_groups(b), macs=b.macs, layers=layers)
+    return DependencyGraph(groups=_groups(b), macs=b.macs, layers=layers, norm_after=b.norm_after)

@@ -5,6 +5,9 @@ consuming columns, depthwise filters), so a channel is judged by everything remo
 
 - ``l1``: sum of |w| (Li et al. 2017, "Pruning Filters for Efficient ConvNets").
 - ``l2``: sqrt of the sum of w² over the same slices.
+  For both, a Conv/Linear followed by a BatchNorm is scored on its BN-folded rows
+  ``w * gamma / sqrt(var + eps)`` (and bias): BN rescales each filter, so the raw filter norm says
+  little about a channel's output, while the folded one is what the exported model runs.
 - ``bn``: |gamma| of the group's BatchNorm layers (Liu et al. 2017, "Network Slimming");
   groups without a BatchNorm fall back to ``l1``.
 - ``taylor``: sum of |w * dL/dw| with the gradient of the cross-entropy over a few batches of task
@@ -51,6 +54,16 @@ def _per_position(slices: list[torch.Tensor], power: int) -> torch.Tensor:
     return total
 
 
+def _folded(graph: DependencyGraph, m: Member) -> dict[str, torch.Tensor]:
+    """The rows of ``m.module`` with the following BatchNorm folded in (Ioffe & Szegedy 2015 eq. in sec. 3)."""
+    mod, bn = graph.layers[m.module], graph.layers[graph.norm_after[m.module]]
+    scale = (bn.weight if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)  # (C_out,)
+    shape = (-1,) + (1,) * (mod.weight.dim() - 1)
+    bias = mod.bias if mod.bias is not None else torch.zeros_like(bn.running_mean)
+    shift = bn.bias if bn.bias is not None else 0.0
+    return {"weight": mod.weight * scale.reshape(shape), "bias": (bias - bn.running_mean) * scale + shift}
+
+
 def group_scores(graph: DependencyGraph, group: Group, kind: str,
                  grads: dict[str, dict[str, torch.Tensor]] | None = None) -> torch.Tensor:
     """Per-channel importance (size,) of one group, float64."""
@@ -74,7 +87,8 @@ def group_scores(graph: DependencyGraph, group: Group, kind: str,
                       for k in ("weight", "bias")}  # w * dL/dw
             per_pos = _per_position(_slices(mod, m, params), 1)
         else:
-            params = {"weight": mod.weight, "bias": mod.bias}
+            params = _folded(graph, m) if m.kind == "out" and m.module in graph.norm_after else \
+                {"weight": mod.weight, "bias": mod.bias}
             per_pos = _per_position(_slices(mod, m, params), 1 if kind == "l1" else 2)
         score += _scatter(per_pos, m.index, group.size)
     return score.sqrt() if kind == "l2" else score
