@@ -11,7 +11,8 @@ Here: each dense model is trained with the project's loop (AdamW with decoupled 
 one-cycle LR, batch 128, seed 0), then pruned with Han's iterative schedule through
 ``edgeslim.prune``: ``ROUNDS`` rounds of magnitude pruning to a rising share of the per-layer
 targets (cubic ramp), each followed by retraining with the pruned weights held at zero. The
-per-layer kept fractions (``KEEP``) are a little below the paper's, aiming at >= 15x.
+per-layer kept fractions (``KEEP``) are a little below the paper's (LeNet-300-100 7/8/25 %:
+at 6 % for the first layer it lost 0.25 points of accuracy; LeNet-5 66/12/5.5/15 %).
 
 Figures: errors of the 10,000 test images computed from ONNX Runtime outputs; ``params`` dense
 parameter count, ``nonzero_params`` what pruning keeps (biases included); ``compression`` =
@@ -44,7 +45,7 @@ from _common import finish, parser  # noqa: E402
 PAPER = {"lenet300": {"dense_error_pct": 1.64, "pruned_error_pct": 1.59, "compression": 12.0},
          "lenet5": {"dense_error_pct": 0.80, "pruned_error_pct": 0.77, "compression": 12.0}}
 # Kept fraction per layer (module names of the zoo's nn.Sequential). Paper: 8/9/26 and 66/12/8/19 %.
-KEEP = {"lenet300": {"1": 0.06, "3": 0.08, "5": 0.25},
+KEEP = {"lenet300": {"1": 0.07, "3": 0.08, "5": 0.25},
         "lenet5": {"0": 0.66, "2": 0.12, "5": 0.055, "7": 0.15}}
 ROUNDS = 3
 SENSITIVITY_RATIOS = [0.5, 0.7, 0.8, 0.9, 0.95, 0.98]
@@ -58,7 +59,7 @@ def settings(quick: bool) -> dict[str, dict[str, float]]:
     if quick:
         return {"lenet300": {"dense_epochs": 10, "retrain_epochs": 4, "lr": 2e-3, "retrain_lr": 1e-3},
                 "lenet5": {"dense_epochs": 10, "retrain_epochs": 4, "lr": 2e-3, "retrain_lr": 1e-3}}
-    return {"lenet300": {"dense_epochs": 8, "retrain_epochs": 4, "lr": 2e-3, "retrain_lr": 1e-3},
+    return {"lenet300": {"dense_epochs": 8, "retrain_epochs": 5, "lr": 2e-3, "retrain_lr": 1e-3},
             "lenet5": {"dense_epochs": 4, "retrain_epochs": 2, "lr": 2e-3, "retrain_lr": 1e-3}}
 
 
