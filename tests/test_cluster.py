@@ -237,6 +237,12 @@ def test_bad_magic_and_truncated_file_are_one_line_errors(tmp_path):
         with pytest.raises(CheckpointError, match=pattern) as err:
             load_compressed(tmp_path / f"{name}.esdc")
         assert str(tmp_path / f"{name}.esdc") in str(err.value) and "\n" not in str(err.value)
+    # a header whose entry count does not match the coded streams: the tensor is named
+    i = data.index(b'"entries":', data.index(b'"name":"7.weight"')) + len(b'"entries":')
+    first = data[i:i + 1]
+    (tmp_path / "count.esdc").write_bytes(data[:i] + (b"9" if first != b"9" else b"8") + data[i + 1:])
+    with pytest.raises(CheckpointError, match=r"count.esdc: tensor '7.weight' is corrupt \("):
+        load_compressed(tmp_path / "count.esdc")
     with pytest.raises(CheckpointError, match="shape mismatch for '7.weight'"):
         load_module(path, nn.Sequential(*list(small_cnn())[:7], nn.Linear(256, 9)))
 

@@ -259,6 +259,8 @@ def read_header(data: bytes, where: str = "compressed file") -> list[dict]:
         sizes = [int(t["nbytes"]) for t in tensors]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{where}: unreadable header ({type(err).__name__}: {err})") from None
+    if any(n < 0 for n in sizes):
+        raise CheckpointError(f"{where}: unreadable header (a negative section length)")
     if start + sum(sizes) != len(data):
         state = "truncated" if start + sum(sizes) > len(data) else "has trailing bytes"
         raise CheckpointError(f"{where}: {state}: header promises {start + sum(sizes)} bytes, file has {len(data)}")
