@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import finish, parser  # noqa: E402
+from _common import finish, parser
 
 PAPER = {"lenet300": {"dense_error_pct": 1.64, "pruned_error_pct": 1.59, "compression": 12.0},
          "lenet5": {"dense_error_pct": 0.80, "pruned_error_pct": 0.77, "compression": 12.0}}
@@ -73,7 +73,12 @@ def nonzero_params(model) -> int:
 def sensitivity(name: str, model, task, out_dir: Path) -> None:
     """Han et al.'s fig. 6 for the dense model: accuracy with one layer pruned at a time (no retraining),
     computed in PyTorch; writes prune_han_sensitivity_<model>.md and .png under ``out_dir``."""
-    from edgeslim.prune.sensitivity import analyze, plot_sensitivity, task_evaluator, write_table
+    from edgeslim.prune.sensitivity import (
+        analyze,
+        plot_sensitivity,
+        task_evaluator,
+        write_table,
+    )
 
     result = analyze(model, task_evaluator(task), SENSITIVITY_RATIOS, progress=False)
     write_table(result, out_dir / f"prune_han_sensitivity_{name}.md")
@@ -89,7 +94,7 @@ def run_model(name: str, split, cfg: dict, tmp: Path, args) -> list[dict]:
     from edgeslim.pipeline import evaluate_onnx
     from edgeslim.prune import PruneMagnitudeConfig, layer_sparsity, save_sparse
     from edgeslim.prune.magnitude_technique import prune_model
-    from edgeslim.runtime import compare_latency, count_params, export_onnx, size_bytes
+    from edgeslim.runtime import compare_latency, count_params, size_bytes
     from edgeslim.task import Task
     from edgeslim.train import save_checkpoint, train
 
@@ -163,8 +168,8 @@ def markdown(rows: list[dict], summary: dict, command: str) -> str:
     """The BENCHMARKS.md section: command, table and targets."""
     lines = ["## Magnitude pruning (Han et al. 2015): LeNet-300-100 and LeNet-5 on MNIST", "", "```",
              command, "```", "",
-             "| model | method | test errors | error % (paper) | nonzero / params | compression | size (bytes) "
-             "| latency p50 ms | speedup | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+             ("| model | method | test errors | error % (paper) | nonzero / params | compression | size (bytes) "
+              "| latency p50 ms | speedup | seconds |"), "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['method']} | {r['errors']} / {r['eval_samples']} | {r['error_pct']:.2f} "
                      f"({r['paper_error_pct']:.2f}) | {r['nonzero_params']:,} / {r['params']:,} | "

@@ -7,22 +7,42 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import small_cnn
 from torch import nn
 
 from edgeslim.errors import CheckpointError, ConfigError
 from edgeslim.pipeline import RuntimeConfig, compress
-from edgeslim.prune import (PruneMagnitudeConfig, apply_masks, cubic_sparsity, iterative_prune, layer_sparsity,
-                            magnitude_masks, mask_keeper, nm_masks, sparsity_of)
+from edgeslim.prune import (
+    PruneMagnitudeConfig,
+    apply_masks,
+    cubic_sparsity,
+    iterative_prune,
+    layer_sparsity,
+    magnitude_masks,
+    mask_keeper,
+    nm_masks,
+    sparsity_of,
+)
 from edgeslim.prune.magnitude_technique import prune_magnitude
 from edgeslim.prune.schedule import GradualPruner
-from edgeslim.prune.sensitivity import (Sensitivity, analyze, plot_sensitivity, select_ratios, task_evaluator,
-                                        write_table)
-from edgeslim.prune.sparse import (decode_relative, decode_sparse, encode_relative, encode_sparse, load_sparse,
-                                   save_sparse)
+from edgeslim.prune.sensitivity import (
+    Sensitivity,
+    analyze,
+    plot_sensitivity,
+    select_ratios,
+    task_evaluator,
+    write_table,
+)
+from edgeslim.prune.sparse import (
+    decode_relative,
+    decode_sparse,
+    encode_relative,
+    encode_sparse,
+    load_sparse,
+    save_sparse,
+)
 from edgeslim.task import ModelArtifact, Task
 from edgeslim.train import train
-
-from conftest import small_cnn
 
 
 def _mlp(seed: int = 0) -> nn.Module:

@@ -54,7 +54,10 @@ def distill_step(model: ModelArtifact, config: DistillConfig, task: Task) -> Mod
     """Knowledge-distillation fine-tune: a copy of the model learns from the model's soft targets."""
     if task.train is None or count_samples(task.train) == 0:
         raise ConfigError("distill: knowledge distillation needs training data (task.train is empty)")
-    from edgeslim.prune.magnitude_technique import pruned_masks, repack_sparse  # lazy: prune imports distill
+    from edgeslim.prune.magnitude_technique import (  # lazy: prune imports distill
+        pruned_masks,
+        repack_sparse,
+    )
     from edgeslim.prune.unstructured import mask_keeper
 
     teacher = model.float_copy("distill")

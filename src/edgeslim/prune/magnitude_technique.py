@@ -19,8 +19,17 @@ from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError
 from edgeslim.prune.schedule import GradualPruner, iterative_prune
 from edgeslim.prune.sparse import encode_sparse
-from edgeslim.prune.unstructured import (Masks, apply_masks, layer_sparsity, magnitude_masks, mask_keeper,
-                                         masks_from_zeros, nm_masks, resolve_names, sparsity_of)
+from edgeslim.prune.unstructured import (
+    Masks,
+    apply_masks,
+    layer_sparsity,
+    magnitude_masks,
+    mask_keeper,
+    masks_from_zeros,
+    nm_masks,
+    resolve_names,
+    sparsity_of,
+)
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task, count_samples
 

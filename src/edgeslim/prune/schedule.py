@@ -58,7 +58,7 @@ class GradualPruner:
 
     @classmethod
     def over(cls, mask_fn: MaskFn, total_steps: int, n: int = 10, end_fraction: float = 0.75,
-             progress: bool = False) -> "GradualPruner":
+             progress: bool = False) -> GradualPruner:
         """Spread ``n`` updates from the first step to ``end_fraction`` of ``total_steps``, leaving the
         rest for recovery at the final sparsity (Zhu & Gupta stop pruning before training ends)."""
         if total_steps < 1:

@@ -27,7 +27,12 @@ from torch import nn
 
 from edgeslim import io
 from edgeslim.errors import ConfigError
-from edgeslim.prune.unstructured import apply_masks, magnitude_masks, prunable_weights, resolve_names
+from edgeslim.prune.unstructured import (
+    apply_masks,
+    magnitude_masks,
+    prunable_weights,
+    resolve_names,
+)
 from edgeslim.task import Task
 
 PruneFn = Callable[[nn.Module, str, float], nn.Module]
