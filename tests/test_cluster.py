@@ -289,3 +289,18 @@ def test_technique_with_distillation_tracks_the_teacher(images):
     with torch.no_grad():
         agree = (out.torch(x).argmax(1) == model(x).argmax(1)).float().mean()
     assert agree >= 0.9
+
+
+def test_pipeline_reports_the_compact_file_as_the_stage_size(tmp_path, images):
+    from edgeslim.pipeline import RuntimeConfig, compress
+
+    model = _prune(small_cnn(), keep=0.3)
+    result = compress(_task(images, model), [ClusterConfig(conv_bits=4, fc_bits=4, epochs=0, progress=False)],
+                      out_dir=tmp_path / "run", runtime=RuntimeConfig(warmup=1, runs=4, rounds=1, measure_memory=False))
+    stage = result.stage("01_cluster")
+    written = tmp_path / "run" / "01_cluster" / FILE_NAME
+    assert stage.metrics["size_bytes"] == written.stat().st_size
+    assert stage.metrics["size_bytes"] * 4 < stage.metrics["onnx_size_bytes"]
+    state = decode_state(written.read_bytes())
+    assert list(state) == list(small_cnn().state_dict())  # the architecture's order, weight before bias
+    assert torch.equal((state["4.weight"] == 0), (model[4].weight == 0))

@@ -149,6 +149,10 @@ def cluster_step(model: ModelArtifact, config: ClusterConfig, task: Task) -> Mod
             _fine_tune(student, teacher, plan, config, task)
     finally:
         finalize(student)
+    # the same weights in the copy made before clustering: parameters keep their registration
+    # order (removing a parametrization re-registers the weight after the bias)
+    teacher.load_state_dict(student.state_dict())
+    student = teacher
     data = encode_state(student, {name: ib for name, (_, ib) in plan.items()} | {"*": config.fc_index_bits})
     notes = {**model.notes, "cluster": {"bits": {n: b for n, (b, _) in plan.items()}, "file_bytes": len(data),
                                         "fine_tune_epochs": config.epochs}}
