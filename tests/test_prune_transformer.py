@@ -22,8 +22,8 @@ from edgeslim.errors import ConfigError, ModelError  # noqa: E402
 from edgeslim.evaluate.metrics import row_cosines  # noqa: E402
 from edgeslim.models.minilm import SentenceEncoder  # noqa: E402
 from edgeslim.prune.transformer import (  # noqa: E402
-    encoder_layers, ffn_widths, head_counts, magnitude_importance, prune_ffn, prune_heads, select_heads,
-    select_neurons, taylor_importance,
+    encoder_layers, ffn_widths, head_counts, magnitude_importance, prune_and_reconstruct, prune_ffn, prune_heads,
+    select_heads, select_neurons, taylor_importance,
 )
 from edgeslim.prune.transformer_technique import PruneTransformerConfig, prune_transformer  # noqa: E402
 from edgeslim.runtime import export_onnx, make_session, run  # noqa: E402
@@ -185,6 +185,38 @@ def test_pruned_model_exports_with_a_dynamic_sequence_and_matches_torch():
     assert (HIDDEN, 2 * HEAD) in shapes.values() or (2 * HEAD, HIDDEN) in shapes.values()  # layer 1's Q/K/V
 
 
+# ------------------------------------------------------------------------------------------ reconstruction
+def test_reconstruction_absorbs_a_duplicated_head_and_neuron_exactly():
+    """Head 3 copies head 1 and neuron 9 copies neuron 2: removing the copies loses nothing once the
+    output projections are refitted (the kept twin takes both columns), but plain removal does."""
+    model = tiny_encoder()
+    lay = model.bert.encoder.layer[0]
+    with torch.no_grad():
+        for lin in (lay.attention.self.query, lay.attention.self.key, lay.attention.self.value):
+            lin.weight[3 * HEAD : 4 * HEAD] = lin.weight[HEAD : 2 * HEAD]
+            lin.bias[3 * HEAD : 4 * HEAD] = lin.bias[HEAD : 2 * HEAD]
+        lay.intermediate.dense.weight[9] = lay.intermediate.dense.weight[2]
+        lay.intermediate.dense.bias[9] = lay.intermediate.dense.bias[2]
+    calib, held_out = tokens(32, seed=0), tokens(8, seed=5)
+    ref = outputs(model, held_out)
+    plain = prune_ffn(prune_heads(copy.deepcopy(model), {0: [3]}), {0: [9]})
+    refit = prune_and_reconstruct(copy.deepcopy(model), {0: [3]}, {0: [9]}, [calib], damp=1e-6)
+    assert head_counts(refit) == [3, 4] and ffn_widths(refit) == [63, 64]
+    assert np.abs(outputs(plain, held_out) - ref).max() > 1e-2
+    np.testing.assert_allclose(outputs(refit, held_out), ref, atol=1e-4)
+
+
+def test_reconstruction_improves_held_out_fidelity():
+    model = tiny_encoder(init=0.3)
+    task = make_task(model, n=32)
+    held_out = tokens(16, seed=7)
+    ref = outputs(model, held_out)
+    cfg = {"head_ratio": 0.5, "ffn_ratio": 0.5, "importance": "magnitude", **QUIET}
+    cos = {rec: row_cosines(outputs(prune_transformer(ModelArtifact(model), PruneTransformerConfig(
+        reconstruct=rec, **cfg), task).torch, held_out), ref).mean() for rec in (False, True)}
+    assert cos[True] > cos[False] + 0.05, cos
+
+
 # ------------------------------------------------------------------------------------------ selection
 def test_global_and_per_layer_selection_and_round_to():
     scores = [torch.tensor([0.1, 0.9, 0.5, 0.3]), torch.tensor([0.2, 0.25, 0.3, 0.35])]
@@ -216,7 +248,8 @@ def test_taylor_scores_are_zero_for_a_dead_head_and_positive_otherwise():
 def test_kd_fine_tune_recovers_fidelity():
     model = tiny_encoder(init=0.3)
     task = make_task(model, n=32)
-    hard = {"head_ratio": 0.5, "ffn_ratio": 0.75, "importance": "magnitude", "batch_size": 8, **QUIET}
+    hard = {"head_ratio": 0.5, "ffn_ratio": 0.75, "importance": "magnitude", "reconstruct": False, "batch_size": 8,
+            **QUIET}
     plain = prune_transformer(ModelArtifact(model), PruneTransformerConfig(**hard), task)
     tuned = prune_transformer(ModelArtifact(model), PruneTransformerConfig(kd_epochs=8, kd_lr=3e-3, **hard), task)
     ref = task.evaluation[1]
@@ -228,7 +261,7 @@ def test_kd_fine_tune_recovers_fidelity():
 
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("field,value", [("head_ratio", 1.0), ("ffn_ratio", -0.1), ("round_to", 0),
-                                         ("importance", "random"), ("norm", 3), ("kd_lr", 0.0)])
+                                         ("importance", "random"), ("norm", 3), ("kd_lr", 0.0), ("damp", -1.0)])
 def test_bad_config_values_name_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         PruneTransformerConfig(**{field: value})

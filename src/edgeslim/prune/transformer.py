@@ -34,8 +34,8 @@ from edgeslim.errors import DataError, ModelError
 
 __all__ = [
     "contrastive_loss", "embed", "encoder_layers", "ffn_widths", "head_counts", "head_importance_magnitude",
-    "magnitude_importance", "prune_ffn", "prune_heads", "select_heads", "select_neurons", "taylor_importance",
-    "trim_padding",
+    "magnitude_importance", "prune_and_reconstruct", "prune_ffn", "prune_heads", "select_heads", "select_neurons",
+    "taylor_importance", "trim_padding",
 ]
 
 _LAYOUT = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
@@ -362,3 +362,104 @@ def select_neurons(scores: list[torch.Tensor], ratio: float, scope: str, round_t
         keep = _round_keep(keep, w, round_to)
         out[i] = sorted(int(j) for j in torch.argsort(s, stable=True)[: w - keep])
     return out
+
+
+# ------------------------------------------------------------------------------------- reconstruction
+class _Stop(Exception):
+    """Raised by a capture hook once it has its input, so the forward pass ends early."""
+
+
+def _gram(model: nn.Module, linear: nn.Linear, batches: Sequence[Sequence[np.ndarray]]) -> torch.Tensor:
+    """(K+1, K+1) float64 Gram matrix Σ [a, 1]ᵀ[a, 1] of ``linear``'s inputs ``a`` (K,) over the real
+    tokens of ``batches`` (the mask is the second input of an ``(ids, mask)`` pair; else all tokens)."""
+    k = linear.in_features
+    gram = torch.zeros(k + 1, k + 1, dtype=torch.float64)
+    state: dict[str, torch.Tensor] = {}
+
+    def capture(_m: nn.Module, args: tuple) -> None:
+        state["a"] = args[0].detach()
+        raise _Stop
+
+    handle = linear.register_forward_pre_hook(capture)
+    try:
+        for x in batches:
+            x = trim_padding(x)
+            try:
+                with torch.no_grad():
+                    model(*(torch.from_numpy(np.ascontiguousarray(a)) for a in x))
+            except _Stop:
+                pass
+            a = state.pop("a").float()  # (B, S, K)
+            if a.dim() == 3 and len(x) == 2 and x[1].shape == tuple(a.shape[:2]):
+                a = a[torch.from_numpy(x[1]).bool()]  # (T, K): real tokens only
+            a = a.reshape(-1, k)
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], 1)  # (T, K+1)
+            gram += (a.t() @ a).double()  # float32 product (4x faster than float64), float64 sum
+    finally:
+        handle.remove()
+    return gram
+
+
+def _refit(weight: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor, gram: torch.Tensor,
+           damp: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Least-squares weights on the kept inputs that best reproduce the full layer's outputs.
+
+    Solves ``min ‖A_k W'ᵀ + 1 δbᵀ − A Wᵀ‖² + λ‖[W' − W_k, δb]‖²`` over the calibration tokens from the
+    Gram matrix alone (``A_kᵀA = G[k, :K]``); ``δb`` absorbs the removed inputs' mean contribution
+    (bias compensation, An et al. 2024 "FLAP"), ``W'`` the part the kept inputs can explain (the
+    least-squares mask tuning of Kwon et al. 2022, here with full weights). ``λ = damp · mean diag``.
+    Returns the new (out, k) weight and bias.
+    """
+    k_all = weight.shape[1]
+    idx = torch.cat([keep, torch.tensor([k_all])])  # kept inputs + the constant column
+    lhs = gram[idx][:, idx]  # (k+1, k+1)
+    rhs = gram[idx][:, :k_all] @ weight.detach().double().t()  # (k+1, out)
+    lam = damp * float(lhs.diagonal().mean())
+    # damped towards the original weights (and δb towards 0), not towards zero: when the removed
+    # inputs carried nothing, the solution is exactly the kept weights
+    prior = torch.cat([weight.detach().double()[:, keep].t(), torch.zeros(1, weight.shape[0], dtype=torch.float64)])
+    sol = torch.linalg.solve(lhs + lam * torch.eye(len(idx), dtype=torch.float64), rhs + lam * prior)  # (k+1, out)
+    new_w = sol[:-1].t().to(weight.dtype).contiguous()
+    new_b = None if bias is None else (bias.detach().double() + sol[-1]).to(bias.dtype)
+    return new_w, new_b
+
+
+def _set_linear(linear: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None and linear.bias is not None:
+            linear.bias.copy_(bias)
+
+
+def prune_and_reconstruct(
+    model: nn.Module, heads: Mapping[int, Sequence[int]], neurons: Mapping[int, Sequence[int]],
+    batches: Sequence[Sequence[np.ndarray]], damp: float = 1.0,
+) -> nn.Module:
+    """Remove heads and neurons layer by layer, refitting each output projection to what it computed
+    before (:func:`_refit`) on the calibration ``batches``; returns ``model`` (changed in place).
+
+    Going in layer order, each layer's Gram matrix is taken on the already-pruned model, so a
+    layer also corrects the drift its predecessors left (sequential reconstruction, as in
+    SparseGPT). Costs two partial forward passes over the batches per pruned layer.
+    """
+    layers = encoder_layers(model)
+    _check_layer_keys(heads, len(layers), "prune_heads")
+    _check_layer_keys(neurons, len(layers), "prune_ffn")
+    for i, (name, layer) in enumerate(layers):
+        if heads.get(i):
+            n, d = _heads(layer, name)
+            dense = layer.attention.output.dense
+            gram = _gram(model, dense, batches)
+            keep_heads = _removal(heads[i], n, "head", name)
+            cols = (keep_heads[:, None] * d + torch.arange(d)).reshape(-1)  # (n_keep * d,)
+            weight, bias = _refit(dense.weight, dense.bias, cols, gram, damp)
+            prune_heads(model, {i: heads[i]})
+            _set_linear(layer.attention.output.dense, weight, bias)
+        if neurons.get(i):
+            dense = layer.output.dense
+            gram = _gram(model, dense, batches)
+            keep = _removal(neurons[i], dense.in_features, "FFN neuron", name)
+            weight, bias = _refit(dense.weight, dense.bias, keep, gram, damp)
+            prune_ffn(model, {i: neurons[i]})
+            _set_linear(layer.output.dense, weight, bias)
+    return model
