@@ -151,7 +151,8 @@ def test_vbmf_recovers_a_planted_rank_and_the_noise(shape, rank, sigma):
 @pytest.mark.parametrize("kwargs,field", [
     ({"energy": 0.0}, "energy:"), ({"energy": 1.5}, "energy:"), ({"params_fraction": 0.0}, "params_fraction:"),
     ({"params_fraction": 2.0}, "params_fraction:"), ({"rank_by": "fixed"}, "rank:"), ({"rank": 4}, "rank:"),
-    ({"round_to": 0}, "round_to:"), ({"temperature": 0.0}, "temperature:"), ({"epochs": -1}, "epochs:"),
+    ({"round_to": 0}, "round_to:"), ({"latency_energies": (0.5, 1.5)}, "latency_energies:"),
+    ({"temperature": 0.0}, "temperature:"), ({"epochs": -1}, "epochs:"), ({"target_speedup": 0.0}, "target_speedup:"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}") as err:
@@ -249,3 +250,25 @@ def test_technique_in_the_pipeline_with_kd_fine_tune(tmp_path):
     note = low["note_lowrank"]
     assert note["layers"]["7"]["kind"] == "svd" and note["params_after"] < note["params_before"]
     assert (tmp_path / "run" / "01_lowrank" / "model.onnx").is_file()
+
+
+def test_latency_mode_picks_ranks_by_measured_speedup():
+    """Planted rank-16 weights in a 512-wide MLP: factorizing buys a real, measured speedup."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)).eval()
+    with torch.no_grad():
+        for i in (0, 2):
+            low = torch.randn(512, 16, generator=g) @ torch.randn(16, 512, generator=g) / 16
+            model[i].weight.copy_(low + 1e-3 * torch.randn(512, 512, generator=g))
+    x = torch.randn(32, 512, generator=g)
+    task = Task(model, (x[:1],), calibration=(x, None), evaluation=(x, model(x).detach()))
+    levels = {"rank_by": "latency", "latency_energies": (0.999, 0.9), "progress": False}  # two exports, not 13
+    out = lowrank(ModelArtifact(model), LowRankConfig(target_speedup=1.5, **levels), task)
+    note = out.notes["lowrank"]["latency"]
+    assert note["measured_speedup"] >= 1.5 and note["energy"] == max(float(e) for e, v in note["speedups"].items()
+                                                                     if v >= 1.5)
+    assert all(v["kind"] == "svd" for v in out.notes["lowrank"]["layers"].values())
+    with pytest.raises(ConfigError, match=r"^target_speedup: 1000.0x is out of reach \(best measured"):
+        lowrank(ModelArtifact(model), LowRankConfig(target_speedup=1000.0, **{**levels, "latency_energies": (0.9,)}), task)
+    with pytest.raises(ConfigError, match=r"^rank_by: 'latency'"):
+        plan_ranks(model, LowRankConfig(rank_by="latency"))

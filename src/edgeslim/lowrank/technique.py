@@ -9,6 +9,7 @@ layer before any module is replaced, so bad ranks fail fast.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -27,7 +28,7 @@ from edgeslim.lowrank.tucker import captured_energy, factorize_conv, mode_singul
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task, count_samples
 
-__all__ = ["LayerPlan", "LowRankConfig", "apply_plan", "lowrank", "plan_ranks"]
+__all__ = ["LayerPlan", "LowRankConfig", "apply_plan", "lowrank", "plan_for_speedup", "plan_ranks"]
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,22 @@ class LowRankConfig(TechniqueConfig):
 
     ``rank_by``: ``energy`` keeps the smallest rank holding ``energy`` of the squared singular
     values; ``params`` fits ``params_fraction`` of each layer's weights; ``vbmf`` uses analytic
-    empirical VBMF (Nakajima et al. 2013; Kim et al. 2016); ``fixed`` uses ``rank`` everywhere.
+    empirical VBMF (Nakajima et al. 2013; Kim et al. 2016); ``fixed`` uses ``rank`` everywhere;
+    ``latency`` picks the highest kept energy whose factorized model is measured (ORT, 1 thread,
+    the task's example input) at least ``target_speedup`` times faster than the input model.
     ``layers`` names modules (a container selects the layers inside it; empty = all), ``exclude``
     removes some. With ``epochs`` > 0 the factorized model is fine-tuned on ``task.train``,
     distilling from the model entering the step when ``kd`` (Hinton et al. 2015).
     """
 
     method: Literal["auto", "svd", "tucker2"] = "auto"
-    rank_by: Literal["energy", "params", "vbmf", "fixed"] = "energy"
+    rank_by: Literal["energy", "params", "vbmf", "fixed", "latency"] = "energy"
     energy: float = 0.9
     params_fraction: float = 0.5
     rank: int | None = None
+    target_speedup: float = 2.0
+    # Kept-energy levels rank_by="latency" tries (the highest that meets target_speedup wins).
+    latency_energies: tuple[float, ...] = (0.99, 0.97, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
     layers: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     round_to: int = 1
@@ -74,6 +80,11 @@ class LowRankConfig(TechniqueConfig):
         for name, low in (("round_to", 1), ("min_rank", 1), ("epochs", 0), ("batch_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if not (math.isfinite(self.target_speedup) and self.target_speedup > 0):
+            raise ConfigError(f"target_speedup: must be > 0, got {self.target_speedup}")
+        bad = [e for e in self.latency_energies if not 0.0 < e <= 1.0]
+        if bad or not self.latency_energies:
+            raise ConfigError(f"latency_energies: need values in (0, 1], got {list(self.latency_energies)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -195,6 +206,8 @@ def _plan_layer(name: str, module: nn.Module, config: LowRankConfig) -> LayerPla
 
 def plan_ranks(model: nn.Module, config: LowRankConfig) -> list[LayerPlan]:
     """One :class:`LayerPlan` per selected layer (raises ConfigError before any change is made)."""
+    if config.rank_by == "latency":
+        raise ConfigError("rank_by: 'latency' measures models on a task; use plan_for_speedup or the lowrank step")
     chosen = select_layers(model, config.layers, config.exclude)
     with Progress(disable=not config.progress, transient=True) as bar:
         task = bar.add_task("low-rank: choosing ranks", total=len(chosen))
@@ -241,13 +254,50 @@ def _fine_tune(student: nn.Module, teacher: nn.Module, config: LowRankConfig, ta
     return train(student, x, y, **common)
 
 
+def plan_for_speedup(model: nn.Module, config: LowRankConfig, task: Task) -> tuple[list[LayerPlan], dict]:
+    """Energy plans at every level of ``config.latency_energies``, all exported and timed side by side
+    with the dense model (ORT, 1 thread, interleaved medians); returns the highest-energy plan
+    whose measured speedup reaches ``config.target_speedup`` and a note of every level's speedup.
+
+    Measured, not estimated: extra 1x1 convs and memory traffic make MAC counts a poor predictor
+    of latency for factorized layers. The choice can vary between runs when two levels are close.
+    """
+    from edgeslim.runtime import compare_latency
+
+    candidates: dict[float, list[LayerPlan]] = {}
+    seen: set[tuple] = set()
+    for e in sorted(set(config.latency_energies), reverse=True):
+        plans = plan_ranks(model, dataclasses.replace(config, rank_by="energy", energy=e))
+        key = tuple((p.kind, p.ranks) for p in plans)
+        if key not in seen and any(p.kind != "kept" for p in plans):
+            seen.add(key)
+            candidates[e] = plans
+    graphs = {"dense": task.export(model)} | {str(e): task.export(apply_plan(model, p)) for e, p in candidates.items()}
+    x = tuple(t.numpy() for t in task.example_inputs)
+    lat = compare_latency(graphs, x if len(x) > 1 else x[0], threads=1, warmup=10, runs=100, rounds=5)
+    speedups = {e: lat["dense"].p50_ms / lat[str(e)].p50_ms for e in candidates}
+    ok = [e for e, v in speedups.items() if v >= config.target_speedup]
+    if not ok:
+        best = max(speedups, key=speedups.get, default=None)
+        got = f"best measured {speedups[best]:.2f}x at energy {best}" if best is not None else "no level factorizes a layer"
+        raise ConfigError(f"target_speedup: {config.target_speedup}x is out of reach ({got})")
+    chosen = max(ok)
+    note = {"energy": chosen, "measured_speedup": round(speedups[chosen], 3),
+            "speedups": {str(e): round(v, 3) for e, v in speedups.items()}}
+    return candidates[chosen], note
+
+
 @register("lowrank", LowRankConfig)
 def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArtifact:
     """Low-rank factorization (SVD / Tucker-2) with ranks by energy, parameter budget, VBMF or fixed."""
     if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
         raise ConfigError("epochs: fine-tuning after lowrank needs training data (task.train is empty)")
     teacher = model.float_copy("lowrank")
-    plans = plan_ranks(teacher, config)
+    latency_note = None
+    if config.rank_by == "latency":
+        plans, latency_note = plan_for_speedup(teacher, config, task)
+    else:
+        plans = plan_ranks(teacher, config)
     done = [p for p in plans if p.kind != "kept"]
     if not done:
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans[:3]) or "no Linear or Conv2d layer selected"
@@ -260,5 +310,5 @@ def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArt
         "method": config.method, "rank_by": config.rank_by, "layers": {p.name: p.to_note() for p in plans},
         "factorized": len(done), "kept": len(plans) - len(done), "params_before": before, "params_after": after,
         "fine_tune_epochs": config.epochs,
-    }}
+    } | ({"latency": latency_note} if latency_note else {})}
     return ModelArtifact(torch=student.eval(), notes=notes, files=dict(model.files))
