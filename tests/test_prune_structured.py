@@ -7,7 +7,11 @@ from torch import nn
 
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.models import build_model
-from edgeslim.prune.channels_technique import PruneChannelsConfig, prune_channels, prune_model
+from edgeslim.prune.channels_technique import (
+    PruneChannelsConfig,
+    prune_channels,
+    prune_model,
+)
 from edgeslim.prune.graph import build_graph
 from edgeslim.prune.importance import compute_importance
 from edgeslim.prune.structured import PrunePlan, plan_keep, remove_channels

@@ -124,13 +124,13 @@ def trace(model: nn.Module, example: torch.Tensor) -> torch.fx.GraphModule:
     """Symbolically trace ``model`` and annotate every node with its output shape."""
     try:
         gm = torch.fx.symbolic_trace(model)
-    except Exception as err:  # fx raises TraceError, TypeError, ... on data-dependent control flow
+    except Exception as err:  # noqa: BLE001 - fx raises TraceError, TypeError, ... on data-dependent control flow
         raise ModelError(f"cannot trace {type(model).__name__} for structured pruning "
                          f"(data-dependent control flow?): {first_line(err)}") from None
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(example)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - any failure inside user model code
         raise ModelError(f"shape propagation through {type(model).__name__} failed on input "
                          f"{tuple(example.shape)}: {first_line(err)}") from None
     return gm

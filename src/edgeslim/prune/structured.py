@@ -180,7 +180,7 @@ def remove_channels(model: nn.Module, graph: DependencyGraph, keep: Mapping[str,
     try:
         with torch.no_grad():
             pruned.eval()(example)
-    except Exception as err:  # a coupling the graph missed: never hand back a broken model
+    except Exception as err:  # noqa: BLE001 - a coupling the graph missed: never hand back a broken model
         raise ModelError(f"pruned {type(model).__name__} no longer runs on input {tuple(example.shape)}: "
                          f"{first_line(err)}") from None
     return pruned.train(model.training)
