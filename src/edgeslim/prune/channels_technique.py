@@ -18,7 +18,13 @@ from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.prune.graph import DependencyGraph, build_graph
 from edgeslim.prune.importance import IMPORTANCES, compute_importance
-from edgeslim.prune.structured import PrunePlan, channel_counts, check_ratio, plan_keep, remove_channels
+from edgeslim.prune.structured import (
+    PrunePlan,
+    channel_counts,
+    check_ratio,
+    plan_keep,
+    remove_channels,
+)
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
 
