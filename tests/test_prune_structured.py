@@ -228,7 +228,7 @@ def _task(n: int = 64, with_train: bool = True) -> Task:
 def test_technique_fine_tunes_with_kd_and_reports_channels_and_macs():
     task = _task()
     config = PruneChannelsConfig(ratio=0.5, importance="taylor", round_to=8, epochs=1, batch_size=32,
-                                 kd_temperature=4.0, progress=False)
+                                 temperature=4.0, progress=False)
     out = prune_channels(ModelArtifact(task.model), config, task)
     notes = out.notes["prune_channels"]
     assert notes["channels"] == {"0": [20, 8], "2": [50, 24], "5": [500, 248]}  # halved, rounded to 8

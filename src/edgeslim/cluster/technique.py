@@ -37,7 +37,7 @@ class ClusterConfig(TechniqueConfig):
     indices), relative indices of 8 bits (conv) and 5 bits (fc; null picks the width giving the
     smallest file). ``layer_bits`` overrides the width
     per layer (module name -> bits). ``layers`` (default: every Linear/Conv) and ``exclude`` select
-    the layers. ``epochs: 0`` skips the fine-tune; ``temperature`` set fine-tunes with knowledge
+    the layers. ``epochs: 0`` skips the fine-tune; ``temperature > 0`` fine-tunes with knowledge
     distillation from the model entering the step (``alpha`` weights the soft term).
     """
 
@@ -51,7 +51,7 @@ class ClusterConfig(TechniqueConfig):
     epochs: int = 1
     lr: float = 1e-4
     batch_size: int = 64
-    temperature: float | None = None
+    temperature: float = 0.0
     alpha: float = 0.9
     seed: int = 0
     progress: bool = True
@@ -70,8 +70,8 @@ class ClusterConfig(TechniqueConfig):
                               f"{0 if self.epochs < 0 else 1}, got {self.epochs if self.epochs < 0 else self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if self.temperature is not None and not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"temperature: must be > 0 (or null for no distillation), got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature: must be >= 0 (0 = plain fine-tune), got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
 
@@ -128,7 +128,7 @@ def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int
     common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
               "progress": config.progress, "after_step": keep}
     with frozen_batchnorm(student):
-        if config.temperature is None:
+        if config.temperature == 0:
             train(student, x, y, **common)
         else:
             distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)

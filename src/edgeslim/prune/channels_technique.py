@@ -36,7 +36,7 @@ class PruneChannelsConfig(TechniqueConfig):
     ``ratio`` is the share of channels removed per group (``scope="uniform"``) or over all groups
     ranked together (``"global"``); ``overrides`` maps a producing layer to its own ratio;
     ``exclude`` lists layers left whole; kept counts are rounded to multiples of ``round_to``.
-    ``kd_temperature > 0`` fine-tunes by distillation from the unpruned model (Hinton et al. 2015).
+    ``temperature > 0`` fine-tunes by distillation from the unpruned model (Hinton et al. 2015).
     """
 
     ratio: float = 0.25
@@ -48,8 +48,8 @@ class PruneChannelsConfig(TechniqueConfig):
     epochs: int = 0
     lr: float = 1e-3
     batch_size: int = 64
-    kd_temperature: float = 0.0
-    kd_alpha: float = 0.9
+    temperature: float = 0.0
+    alpha: float = 0.9
     taylor_batches: int = 4
     seed: int = 0
     progress: bool = True
@@ -70,10 +70,10 @@ class PruneChannelsConfig(TechniqueConfig):
                 raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not (math.isfinite(self.kd_temperature) and self.kd_temperature >= 0):
-            raise ConfigError(f"kd_temperature: must be >= 0 (0 = plain fine-tune), got {self.kd_temperature}")
-        if not (0.0 <= self.kd_alpha <= 1.0):
-            raise ConfigError(f"kd_alpha: must be in [0, 1], got {self.kd_alpha}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ConfigError(f"temperature: must be >= 0 (0 = plain fine-tune), got {self.temperature}")
+        if not (0.0 <= self.alpha <= 1.0):
+            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
 
     def plan(self) -> PrunePlan:
         return PrunePlan(ratio=self.ratio, scope=self.scope, round_to=self.round_to,
@@ -95,8 +95,8 @@ def _fine_tune(pruned: nn.Module, teacher: nn.Module, config: PruneChannelsConfi
     x, y = _xy(task.train)
     common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
               "progress": config.progress}
-    if config.kd_temperature > 0:
-        return distill(pruned, teacher, x, y, temperature=config.kd_temperature, alpha=config.kd_alpha, **common)
+    if config.temperature > 0:
+        return distill(pruned, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
     return train(pruned, x, y, **common)
 
 
@@ -143,6 +143,6 @@ def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task
         "channels": {layer: list(v) for layer, v in channel_counts(graph, keep).items()},
         "params_before": _count(source), "params_after": _count(pruned),
         "macs_before": sum(graph.macs.values()), "macs_after": sum(macs_after.values()),
-        "fine_tune": {"epochs": config.epochs, "kd_temperature": config.kd_temperature} if config.epochs else None,
+        "fine_tune": {"epochs": config.epochs, "temperature": config.temperature} if config.epochs else None,
     }}
     return ModelArtifact(torch=pruned.eval(), notes=notes, files=dict(model.files))
