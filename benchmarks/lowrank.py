@@ -1,7 +1,7 @@
 """Low-rank factorization: Tucker-2 on a conv net (fine-tuned with KD) and SVD on MiniLM's FFN.
 
     python benchmarks/lowrank.py [--quick] [--data-dir ../shared/data/mnist] [--cache-dir DIR] [--json OUT]
-                                 [--only cnn|minilm]
+                                 [--only cnn|minilm] [--settings lowrank_params_0.3,...]
 
 CNN: `vgg_small` trained on MNIST (the full IDX files under --data-dir, 1 epoch; or the bundled
 5k sample, 3 epochs, with --quick or without --data-dir; quant_vs_peers' recipe: lr 2e-3, batch 64,
@@ -89,6 +89,8 @@ def cnn_rows(args) -> list[dict]:
     }
     if args.quick:
         settings.pop("lowrank_params_0.2")
+    if args.settings:
+        settings = {k: v for k, v in settings.items() if k in args.settings.split(",")}
     n_raw = min(len(ye), 2000)  # accuracy before the fine-tune, on the first 2k test images
     models = {"fp32": task.model}
     extra = {"fp32": _cnn_extra(evaluate_accuracy(task.model, xe, ye), None, len(ye), 0.0, None)}
@@ -200,6 +202,7 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cache-dir", type=Path, default=None, help="Where the trained vgg_small checkpoint is cached.")
     p.add_argument("--only", choices=["cnn", "minilm"], default=None)
+    p.add_argument("--settings", default=None, help="Comma-separated CNN settings to run (default: all).")
     args = p.parse_args()
     if args.cache_dir is not None:
         os.environ["EDGESLIM_CACHE"] = str(args.cache_dir)
