@@ -111,3 +111,20 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build_dataclass(hint, value, where)
     return value
+
+
+def check_fine_tune(config: Any) -> None:
+    """The fields every fine-tuning technique shares (``epochs``, ``lr``, ``batch_size``,
+    ``temperature``, ``alpha``): ConfigError naming the first bad one."""
+    import math
+
+    for name, low in (("epochs", 0), ("batch_size", 1)):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"lr: must be > 0, got {config.lr}")
+    if not (math.isfinite(config.temperature) and config.temperature >= 0):
+        raise ConfigError(f"temperature: must be >= 0 (0 = plain fine-tune), got {config.temperature}")
+    if not 0.0 <= config.alpha <= 1.0:
+        raise ConfigError(f"alpha: must be in [0, 1], got {config.alpha}")

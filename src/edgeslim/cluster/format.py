@@ -64,21 +64,13 @@ from torch import nn
 from edgeslim import io
 from edgeslim.cluster import huffman
 from edgeslim.errors import CheckpointError, ConfigError, DataError
-from edgeslim.prune.sparse import decode_relative, encode_relative
+from edgeslim.prune.sparse import RAW_DTYPES, decode_relative, encode_relative
 
 MAGIC = b"ESDC"
 VERSION = 1
 _PREFIX = struct.Struct("<4sBI")  # magic, version, header length
 MAX_CODEBOOK = 256
 
-# torch dtype name -> (torch dtype, same-width integer dtype whose numpy view carries the raw bits)
-_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
-    "float32": (torch.float32, torch.int32), "float16": (torch.float16, torch.int16),
-    "bfloat16": (torch.bfloat16, torch.int16), "float64": (torch.float64, torch.int64),
-    "int64": (torch.int64, torch.int64), "int32": (torch.int32, torch.int32),
-    "int16": (torch.int16, torch.int16), "int8": (torch.int8, torch.int8),
-    "uint8": (torch.uint8, torch.uint8), "bool": (torch.bool, torch.uint8),
-}
 IndexBits = int | None | Mapping[str, int | None]  # None: the width giving the smallest file
 AUTO_INDEX_BITS = range(1, 13)
 
@@ -86,8 +78,8 @@ AUTO_INDEX_BITS = range(1, 13)
 # ------------------------------------------------------------------------------------- encoding
 def _dtype_name(name: str, t: torch.Tensor) -> str:
     dtype = str(t.dtype).removeprefix("torch.")
-    if dtype not in _DTYPES:
-        raise ConfigError(f"{name}: tensor dtype {dtype} cannot be stored (supported: {', '.join(_DTYPES)})")
+    if dtype not in RAW_DTYPES:
+        raise ConfigError(f"{name}: tensor dtype {dtype} cannot be stored (supported: {', '.join(RAW_DTYPES)})")
     return dtype
 
 
@@ -138,8 +130,8 @@ def _shared(name: str, t: torch.Tensor, index_bits: int | None) -> tuple[dict, b
 
 def _raw(name: str, t: torch.Tensor) -> tuple[dict, bytes]:
     dtype = _dtype_name(name, t)
-    data = t.detach().cpu().contiguous().reshape(-1).view(_DTYPES[dtype][1]).numpy().astype(
-        np.dtype(str(_DTYPES[dtype][1]).removeprefix("torch.")).newbyteorder("<")).tobytes()
+    data = t.detach().cpu().contiguous().reshape(-1).view(RAW_DTYPES[dtype][1]).numpy().astype(
+        np.dtype(str(RAW_DTYPES[dtype][1]).removeprefix("torch.")).newbyteorder("<")).tobytes()
     return {"name": name, "shape": list(t.shape), "dtype": dtype, "layout": "raw", "nbytes": len(data)}, data
 
 
@@ -229,7 +221,7 @@ def _decode_tensor(t: dict, data: bytes) -> torch.Tensor:
     if any(d < 0 for d in shape):
         raise ValueError(f"negative dimension in shape {shape}")
     numel = math.prod(shape)
-    torch_dtype, int_dtype = _DTYPES[t["dtype"]]
+    torch_dtype, int_dtype = RAW_DTYPES[t["dtype"]]
     if t["layout"] == "shared":
         if t["dtype"] != "float32":
             raise ValueError("a shared tensor must be float32")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +19,7 @@ from torch import nn
 
 from edgeslim.cluster.format import encode_state
 from edgeslim.cluster.kmeans import check_bits, clusterable_layers, finalize, share_weights
-from edgeslim.config import TechniqueConfig
+from edgeslim.config import TechniqueConfig, check_fine_tune
 from edgeslim.errors import ConfigError
 from edgeslim.prune.unstructured import mask_keeper, masks_from_zeros, resolve_names
 from edgeslim.registry import register
@@ -65,15 +64,7 @@ class ClusterConfig(TechniqueConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16):
                 raise ConfigError(f"{name}: must be an integer in 1..16 (or null: smallest file), got {value!r}")
-        if self.epochs < 0 or self.batch_size < 1:
-            raise ConfigError(f"{'epochs' if self.epochs < 0 else 'batch_size'}: must be >= "
-                              f"{0 if self.epochs < 0 else 1}, got {self.epochs if self.epochs < 0 else self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"temperature: must be >= 0 (0 = plain fine-tune), got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        check_fine_tune(self)
 
 
 def _module_names(model: nn.Module, names: tuple[str, ...] | list[str], where: str) -> list[str]:

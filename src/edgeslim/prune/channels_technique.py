@@ -8,13 +8,12 @@ runtime without sparse kernels. See :mod:`edgeslim.prune.graph` for what is coup
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from edgeslim.config import TechniqueConfig
+from edgeslim.config import TechniqueConfig, check_fine_tune
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.prune.graph import DependencyGraph, build_graph
 from edgeslim.prune.importance import IMPORTANCES, compute_importance
@@ -64,16 +63,11 @@ class PruneChannelsConfig(TechniqueConfig):
             raise ConfigError(f"overrides: expected a mapping of layer -> ratio, got {type(self.overrides).__name__}")
         for layer, ratio in self.overrides.items():
             check_ratio(ratio, f"overrides.{layer}")
-        for name, low in (("round_to", 1), ("epochs", 0), ("batch_size", 1), ("taylor_batches", 1)):
+        for name, low in (("round_to", 1), ("taylor_batches", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise ConfigError(f"temperature: must be >= 0 (0 = plain fine-tune), got {self.temperature}")
-        if not (0.0 <= self.alpha <= 1.0):
-            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        check_fine_tune(self)
 
     def plan(self) -> PrunePlan:
         return PrunePlan(ratio=self.ratio, scope=self.scope, round_to=self.round_to,

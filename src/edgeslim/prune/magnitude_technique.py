@@ -15,7 +15,7 @@ from typing import Literal
 
 from torch import nn
 
-from edgeslim.config import TechniqueConfig
+from edgeslim.config import TechniqueConfig, check_fine_tune
 from edgeslim.errors import ConfigError
 from edgeslim.prune.schedule import GradualPruner, iterative_prune
 from edgeslim.prune.sparse import encode_sparse
@@ -82,7 +82,8 @@ class PruneMagnitudeConfig(TechniqueConfig):
                 raise ConfigError("m: N:M pruning is one_shot and layer-wise, without overrides")
         elif self.m < 0:
             raise ConfigError(f"m: must be >= 0 (0 = unstructured), got {self.m}")
-        lows = (("rounds", 1), ("updates", 1), ("epochs", 0), ("batch_size", 1), ("index_bits", 1), ("seed", 0))
+        check_fine_tune(self)
+        lows = (("rounds", 1), ("updates", 1), ("index_bits", 1), ("seed", 0))
         for name, low in lows:
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
@@ -90,13 +91,8 @@ class PruneMagnitudeConfig(TechniqueConfig):
             raise ConfigError(f"index_bits: must be <= 16, got {self.index_bits}")
         if self.schedule != "one_shot" and self.epochs < 1:
             raise ConfigError(f"epochs: the {self.schedule} schedule prunes while fine-tuning; set epochs >= 1")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        for name in ("weight_decay", "temperature"):  # temperature 0 = plain cross-entropy fine-tune
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
 
 
 def _mask_fn(config: PruneMagnitudeConfig) -> Callable[[nn.Module, float], Masks]:

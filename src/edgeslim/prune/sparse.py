@@ -50,7 +50,7 @@ VERSION = 1
 _PREFIX = struct.Struct("<8sII")  # magic, version, header length
 
 # torch dtype name -> (torch dtype, unsigned integer view of the same width for raw bits)
-_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
+RAW_DTYPES: dict[str, tuple[torch.dtype, torch.dtype]] = {
     "float32": (torch.float32, torch.int32), "float16": (torch.float16, torch.int16),
     "bfloat16": (torch.bfloat16, torch.int16), "float64": (torch.float64, torch.int64),
     "int64": (torch.int64, torch.int64), "int32": (torch.int32, torch.int32),
@@ -135,9 +135,9 @@ def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
 def _raw(t: torch.Tensor) -> tuple[str, np.ndarray]:
     """The tensor's dtype name and its bits as a flat numpy integer array."""
     name = str(t.dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ConfigError(f"tensor dtype {name} cannot be stored (supported: {', '.join(_DTYPES)})")
-    return name, t.detach().cpu().contiguous().reshape(-1).view(_DTYPES[name][1]).numpy()
+    if name not in RAW_DTYPES:
+        raise ConfigError(f"tensor dtype {name} cannot be stored (supported: {', '.join(RAW_DTYPES)})")
+    return name, t.detach().cpu().contiguous().reshape(-1).view(RAW_DTYPES[name][1]).numpy()
 
 
 def _state(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
@@ -218,7 +218,7 @@ def decode_sparse(data: bytes, where: str = "sparse file") -> dict[str, torch.Te
 
 
 def _decode_tensor(view: memoryview, start: int, t: dict, bits: int, value_dtype: str, where: str) -> torch.Tensor:
-    torch_dtype, int_dtype = _DTYPES[t["dtype"]]
+    torch_dtype, int_dtype = RAW_DTYPES[t["dtype"]]
     np_int = torch.empty(0, dtype=int_dtype).numpy().dtype
     shape, numel = tuple(t["shape"]), int(np.prod(t["shape"], dtype=np.int64))
     if t["layout"] == "dense":
