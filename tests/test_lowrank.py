@@ -152,7 +152,7 @@ def test_vbmf_recovers_a_planted_rank_and_the_noise(shape, rank, sigma):
     ({"energy": 0.0}, "energy:"), ({"energy": 1.5}, "energy:"), ({"params_fraction": 0.0}, "params_fraction:"),
     ({"params_fraction": 2.0}, "params_fraction:"), ({"rank_by": "fixed"}, "rank:"), ({"rank": 4}, "rank:"),
     ({"round_to": 0}, "round_to:"), ({"latency_energies": (0.5, 1.5)}, "latency_energies:"),
-    ({"temperature": 0.0}, "temperature:"), ({"epochs": -1}, "epochs:"), ({"target_speedup": 0.0}, "target_speedup:"),
+    ({"temperature": -1.0}, "temperature:"), ({"epochs": -1}, "epochs:"), ({"target_speedup": 0.0}, "target_speedup:"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}") as err:

@@ -250,7 +250,8 @@ def _trained(model, spec: ModelSpec, data: DataSpec, split, progress: bool):
     from edgeslim.train import load_checkpoint, save_checkpoint, train
 
     ts = spec.train or TrainSpec()
-    key = json.dumps({"model": asdict(spec), "dataset": data.dataset, "dir": data.dir, "seed": data.seed,
+    data_dir = str(Path(data.dir).resolve()) if data.dir else None  # one key however the path was typed
+    key = json.dumps({"model": asdict(spec), "dataset": data.dataset, "dir": data_dir, "seed": data.seed,
                       "train": asdict(ts), "shape": list(split.x_train.shape)}, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "checkpoints" / f"{spec.name or spec.factory.replace(':', '.')}-{digest}.safetensors"

@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.config import TechniqueConfig
+from edgeslim.config import TechniqueConfig, check_fine_tune
 from edgeslim.errors import ConfigError
 from edgeslim.lowrank.rank import (
     energy_rank, evbmf, finish_rank, svd_params_rank, tucker2_energy_ranks, tucker2_params_ranks,
@@ -42,7 +42,8 @@ class LowRankConfig(TechniqueConfig):
     the task's example input) at least ``target_speedup`` times faster than the input model.
     ``layers`` names modules (a container selects the layers inside it; empty = all), ``exclude``
     removes some. With ``epochs`` > 0 the factorized model is fine-tuned on ``task.train``,
-    distilling from the model entering the step when ``kd`` (Hinton et al. 2015).
+    distilling from the model entering the step when ``temperature`` > 0 (Hinton et al. 2015;
+    0 = plain cross-entropy fine-tune).
     """
 
     method: Literal["auto", "svd", "tucker2"] = "auto"
@@ -60,7 +61,6 @@ class LowRankConfig(TechniqueConfig):
     epochs: int = 0
     lr: float = 1e-4
     batch_size: int = 64
-    kd: bool = True
     temperature: float = 4.0
     alpha: float = 0.9
     seed: int = 0
@@ -77,7 +77,8 @@ class LowRankConfig(TechniqueConfig):
             raise ConfigError(f"rank: only used with rank_by 'fixed' (rank_by is {self.rank_by!r})")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank: must be >= 1, got {self.rank}")
-        for name, low in (("round_to", 1), ("min_rank", 1), ("epochs", 0), ("batch_size", 1)):
+        check_fine_tune(self)
+        for name, low in (("round_to", 1), ("min_rank", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
         if not (math.isfinite(self.target_speedup) and self.target_speedup > 0):
@@ -85,12 +86,6 @@ class LowRankConfig(TechniqueConfig):
         bad = [e for e in self.latency_energies if not 0.0 < e <= 1.0]
         if bad or not self.latency_energies:
             raise ConfigError(f"latency_energies: need values in (0, 1], got {list(self.latency_energies)}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
 
 
 @dataclass(frozen=True)
@@ -249,7 +244,7 @@ def _fine_tune(student: nn.Module, teacher: nn.Module, config: LowRankConfig, ta
     x, y = (task.train, None) if not isinstance(task.train, (tuple, list)) else task.train
     common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
               "progress": config.progress}
-    if config.kd:
+    if config.temperature > 0:
         return distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
     return train(student, x, y, **common)
 
