@@ -17,7 +17,7 @@
    side by side with the dense model. Target: edgeslim accuracy >= Torch-Pruning's.
 
 Data: CIFAR-10 binary batches from --data-dir (the first 20k train images, 10k test); --quick
-uses 4k train and 1k test images and fewer epochs. Rows follow benchmarks/_common.ROW_KEYS;
+uses 4k train and 1k test images (dense 4 epochs instead of 5; one fine-tune epoch either way). Rows follow benchmarks/_common.ROW_KEYS;
 ``seconds`` is the prune + fine-tune time (dense: its training time, from the cache if reused).
 """
 
