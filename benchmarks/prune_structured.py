@@ -167,7 +167,8 @@ def main() -> None:
     torch.set_flush_denormal(True)
     load_start = os.getloadavg()[0]
     s = settings(args.quick)
-    data_dir = args.data_dir or Path("/work/shared/data/cifar-10/cifar-10-batches-bin")
+    # Default: the shared data folder beside the checkout (../shared/data/...), as in this workplace.
+    data_dir = args.data_dir or Path(__file__).resolve().parents[2] / "shared/data/cifar-10/cifar-10-batches-bin"
     full = load_cifar10(data_dir)
     split = dataclasses.replace(full, x_train=full.x_train[: s["n_train"]], y_train=full.y_train[: s["n_train"]],
                                 x_test=full.x_test[: s["n_test"]], y_test=full.y_test[: s["n_test"]])
