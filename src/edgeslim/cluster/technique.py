@@ -111,18 +111,11 @@ def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int
                task: Task) -> None:
     """Train the codebooks (and the unshared parameters) on ``task.train``; pruned zeros of layers
     that are not clustered are kept at zero after every step."""
-    from edgeslim.distill.trainer import distill
-    from edgeslim.train import train
+    from edgeslim.distill.trainer import fine_tune
 
     keep = mask_keeper(masks_from_zeros(student, [n for n in clusterable_layers(student) if n not in plan]))
-    x, y = task.train if isinstance(task.train, (tuple, list)) else (task.train, None)
-    common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
-              "progress": config.progress, "after_step": keep}
     with frozen_batchnorm(student):
-        if config.temperature == 0:
-            train(student, x, y, **common)
-        else:
-            distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
+        fine_tune(student, teacher, config, task.train, after_step=keep)
 
 
 @register("cluster", ClusterConfig)

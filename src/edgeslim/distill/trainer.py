@@ -178,3 +178,18 @@ def _make_batch_loss(
         return loss, s_logits
 
     return batch_loss
+
+
+def fine_tune(student: nn.Module, teacher: nn.Module, config, data, *, epochs: int | None = None,
+              after_step: Callable[[nn.Module], None] | None = None, weight_decay: float = 0.0) -> nn.Module:
+    """The fine-tune every lossy step shares: ``config.temperature > 0`` distils from ``teacher``
+    (Hinton KD with ``config.alpha``), 0 trains on the labels with cross-entropy (and
+    ``weight_decay``). ``config`` carries ``epochs``, ``lr``, ``batch_size``, ``seed``, ``progress``
+    (see :func:`edgeslim.config.check_fine_tune`); ``data`` is a DataLoader or an ``(x, y)`` pair."""
+    x, y = (data, None) if not isinstance(data, (tuple, list)) else data
+    common = {"epochs": config.epochs if epochs is None else epochs, "lr": config.lr,
+              "batch_size": config.batch_size, "seed": config.seed, "progress": config.progress,
+              "after_step": after_step}
+    if config.temperature > 0:
+        return distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
+    return train(student, x, y, weight_decay=weight_decay, **common)

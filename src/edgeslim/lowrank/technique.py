@@ -19,6 +19,7 @@ from rich.progress import Progress
 from torch import nn
 
 from edgeslim.config import TechniqueConfig, check_fine_tune
+from edgeslim.distill.trainer import fine_tune
 from edgeslim.errors import ConfigError
 from edgeslim.lowrank.rank import (
     energy_rank, evbmf, finish_rank, svd_params_rank, tucker2_energy_ranks, tucker2_params_ranks,
@@ -237,17 +238,6 @@ def apply_plan(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
     return out
 
 
-def _fine_tune(student: nn.Module, teacher: nn.Module, config: LowRankConfig, task: Task) -> nn.Module:
-    from edgeslim.distill.trainer import distill
-    from edgeslim.train import train
-
-    x, y = (task.train, None) if not isinstance(task.train, (tuple, list)) else task.train
-    common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
-              "progress": config.progress}
-    if config.temperature > 0:
-        return distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
-    return train(student, x, y, **common)
-
 
 def plan_for_speedup(model: nn.Module, config: LowRankConfig, task: Task) -> tuple[list[LayerPlan], dict]:
     """Energy plans at every level of ``config.latency_energies``, all exported and timed side by side
@@ -299,7 +289,7 @@ def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArt
         raise ConfigError(f"lowrank: no layer would shrink at these settings ({reasons})")
     student = apply_plan(teacher, plans)
     if config.epochs > 0:
-        student = _fine_tune(student, teacher, config, task)
+        student = fine_tune(student, teacher, config, task.train)
     before, after = sum(p.params_before for p in plans), sum(p.params_after for p in plans)
     notes = {**model.notes, "lowrank": {
         "method": config.method, "rank_by": config.rank_by, "layers": {p.name: p.to_note() for p in plans},

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from edgeslim.config import TechniqueConfig, check_fine_tune
+from edgeslim.distill.trainer import fine_tune
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.prune.graph import DependencyGraph, build_graph
 from edgeslim.prune.importance import IMPORTANCES, compute_importance
@@ -78,22 +79,6 @@ def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _xy(data) -> tuple:
-    return (data, None) if not isinstance(data, (tuple, list)) else (data[0], data[1])
-
-
-def _fine_tune(pruned: nn.Module, teacher: nn.Module, config: PruneChannelsConfig, task: Task) -> nn.Module:
-    from edgeslim.distill import distill
-    from edgeslim.train import train
-
-    x, y = _xy(task.train)
-    common = {"epochs": config.epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
-              "progress": config.progress}
-    if config.temperature > 0:
-        return distill(pruned, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
-    return train(pruned, x, y, **common)
-
-
 def prune_model(model: nn.Module, example: torch.Tensor, config: PruneChannelsConfig,
                 task: Task | None = None) -> tuple[nn.Module, DependencyGraph, dict[str, torch.Tensor]]:
     """Prune a copy of ``model`` (no fine-tune): returns the pruned model, its graph and the kept indices.
@@ -130,7 +115,7 @@ def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task
     if (config.ratio > 0 or config.overrides) and not channel_counts(graph, keep):
         raise ConfigError(f"ratio: {config.ratio} removes no channel (groups too small for round_to={config.round_to}?)")
     if config.epochs > 0:
-        pruned = _fine_tune(pruned, source, config, task)
+        pruned = fine_tune(pruned, source, config, task.train)
     macs_after = dict(build_graph(copy.deepcopy(pruned), example).macs)
     notes = {**model.notes, "prune_channels": {
         "ratio": config.ratio, "scope": config.scope, "importance": config.importance,

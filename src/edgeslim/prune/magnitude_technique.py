@@ -111,18 +111,11 @@ def _mask_fn(config: PruneMagnitudeConfig) -> Callable[[nn.Module, float], Masks
 def _fine_tune(config: PruneMagnitudeConfig, task: Task, teacher: nn.Module | None,
                epochs: int) -> Callable[[nn.Module, Callable[[nn.Module], None]], nn.Module]:
     """``retrain(model, after_step)``: ``epochs`` of CE training, or of KD from ``teacher``."""
-    x, y = task.train if isinstance(task.train, (tuple, list)) else (task.train, None)
+    from edgeslim.distill.trainer import fine_tune
 
     def retrain(model: nn.Module, after_step: Callable[[nn.Module], None]) -> nn.Module:
-        common = {"epochs": epochs, "lr": config.lr, "batch_size": config.batch_size, "seed": config.seed,
-                  "progress": config.progress, "after_step": after_step}
-        if config.temperature > 0:
-            from edgeslim.distill.trainer import distill
-
-            return distill(model, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
-        from edgeslim.train import train
-
-        return train(model, x, y, weight_decay=config.weight_decay, **common)
+        return fine_tune(model, teacher, config, task.train, epochs=epochs, after_step=after_step,
+                         weight_decay=config.weight_decay)
 
     return retrain
 
