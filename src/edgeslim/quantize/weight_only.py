@@ -33,7 +33,7 @@ vs 0.022 ms (level 4) at 19.7 vs 19.6 dB SQNR; int8 0.89 ms (level 0: no fast fp
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -292,8 +292,6 @@ def weight_only(model: ModelArtifact, config: WeightOnlyConfig, task: Task) -> M
 def _budgeted_bits(fp32: onnx.ModelProto, config: WeightOnlyConfig, task: Task
                    ) -> tuple[WeightOnlyConfig, dict[str, str | bytes]]:
     """Per-layer sensitivity at ``bits``, then the fewest layers at ``high_bits`` that meet ``max_drop``."""
-    from dataclasses import replace
-
     from edgeslim.quantize.lower import layer_name
     from edgeslim.quantize.mixed import Evaluator, fewest_layers, sensitivity_files
 
