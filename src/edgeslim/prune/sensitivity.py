@@ -15,7 +15,6 @@ deployable graph itself). The table and plot name the backend used.
 from __future__ import annotations
 
 import copy
-import io as _io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +165,8 @@ def plot_sensitivity(result: Sensitivity, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from edgeslim.report.plot import save_png
+
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for layer, values in result.curves.items():
         ax.plot(result.ratios, values, marker="o", label=layer)
@@ -175,8 +176,4 @@ def plot_sensitivity(result: Sensitivity, path: str | Path) -> None:
     ax.set_title("pruning sensitivity, one layer at a time")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = _io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    io.write_bytes(path, buf.getvalue())
+    save_png(fig, path)

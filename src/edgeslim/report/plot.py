@@ -13,8 +13,6 @@ def pareto_plot(result, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgeslim import io
-
     stages = [s for s in result.stages if s.metrics.get("latency_ms_p50") is not None]
     xs = [s.metrics["latency_ms_p50"] for s in stages]
     ys = [s.metrics["metric"] for s in stages]
@@ -31,6 +29,15 @@ def pareto_plot(result, path: str | Path) -> None:
     ax.set_ylabel(result.metric_name)
     ax.set_title("edgeslim: metric vs latency (marker area = file size)")
     ax.grid(alpha=0.3)
+    save_png(fig, path)
+
+
+def save_png(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG atomically (rendered in memory first), then close it."""
+    import matplotlib.pyplot as plt
+
+    from edgeslim import io
+
     fig.tight_layout()
     buf = _io.BytesIO()
     fig.savefig(buf, format="png")
