@@ -60,7 +60,9 @@ def bench(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
           threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads."),
           batch_size: int = typer.Option(1, "--batch-size", min=1),
           runs: int = typer.Option(300, "--runs", min=1),
-          warmup: int = typer.Option(30, "--warmup", min=0)) -> None:
+          warmup: int = typer.Option(30, "--warmup", min=0),
+          flush_denormals: bool = typer.Option(False, "--flush-denormals",
+                                               help="Time with denormal floats flushed to zero (x86 FTZ/DAZ).")) -> None:
     """Latency percentiles and peak memory of an ONNX model on ONNX Runtime."""
     import numpy as np
     from rich.console import Console
@@ -74,9 +76,10 @@ def bench(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
         shape = [batch_size if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(inp.shape)]
         dtype = np.float32 if "float" in inp.type else np.int64
         feeds[inp.name] = np.random.default_rng(0).random(shape).astype(dtype)
-    stats = benchmark_latency(model, feeds, threads=threads, warmup=warmup, runs=runs)
+    stats = benchmark_latency(model, feeds, threads=threads, warmup=warmup, runs=runs, flush_denormals=flush_denormals)
     memory = peak_memory_bytes(model, {k: list(v.shape) for k, v in feeds.items()}, threads=threads)
-    table = Table(title=f"{model.name} on ONNX Runtime ({threads} thread, batch {batch_size})")
+    ftz = ", denormals flushed" if flush_denormals else ""
+    table = Table(title=f"{model.name} on ONNX Runtime ({threads} thread, batch {batch_size}{ftz})")
     for col in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "runs", "size", "peak memory"):
         table.add_column(col, justify="right")
     table.add_row(f"{stats.p50_ms:.3f}", f"{stats.p90_ms:.3f}", f"{stats.p99_ms:.3f}", f"{stats.mean_ms:.3f}",

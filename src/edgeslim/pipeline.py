@@ -38,6 +38,7 @@ class RuntimeConfig:
     runs: int = 300
     rounds: int = 5
     measure_memory: bool = True
+    flush_denormals: bool = False  # time with denormals flushed to zero (see edgeslim.runtime.bench)
 
     def __post_init__(self) -> None:
         for name in ("threads", "batch_size", "runs", "rounds"):
@@ -222,11 +223,13 @@ def _measure_latency(stages: list[Stage], task: Task, runtime: RuntimeConfig) ->
     console.print(f"measuring latency of {len(stages)} stages side by side "
                   f"({runtime.runs} runs each, batch {runtime.batch_size}, {runtime.threads} thread(s))")
     stats = compare_latency({s.name: s.onnx_path for s in stages}, x, threads=runtime.threads,
-                            warmup=runtime.warmup, runs=runtime.runs, rounds=runtime.rounds)
+                            warmup=runtime.warmup, runs=runtime.runs, rounds=runtime.rounds,
+                            flush_denormals=runtime.flush_denormals)
     for s in stages:
         d = stats[s.name].to_dict()
         s.metrics.update({k: d[k] for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean")})
         s.metrics["batch_size"] = runtime.batch_size
+        s.metrics["flush_denormals"] = runtime.flush_denormals
         if runtime.measure_memory:
             names = [i.name for i in onnx.load(s.onnx_path, load_external_data=False).graph.input]
             shapes = {name: list(a.shape) for name, a in zip(names, x)}

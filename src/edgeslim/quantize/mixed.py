@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import onnx
@@ -24,7 +24,10 @@ from edgeslim.errors import ConfigError
 from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
-from edgeslim.quantize.ptq import PTQInt8Config, mse_weight_params, prepare_float, resolve_activation_dtype
+from edgeslim.quantize.per_token import lower_per_token
+from edgeslim.quantize.ptq import (
+    PTQInt8Config, mse_weight_params, per_token_layers, prepare_float, resolve_activation_dtype,
+)
 from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, iter_batches
@@ -34,13 +37,17 @@ console = Console(stderr=True)
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig(TechniqueConfig):
-    """Keep the fewest layers in float so that the metric drops at most ``max_drop`` (absolute:
-    0.001 is 0.1 accuracy point). ``ptq`` configures the int8 part; ``eval_samples`` caps the
-    evaluation samples used for the search (None: all)."""
+    """Raise the fewest layers to ``high`` precision so that the metric drops at most ``max_drop``
+    (absolute: 0.001 is 0.1 accuracy point). ``high`` is "fp32" (the layer stays float) or
+    "per_token" (int8 with one activation scale per token, computed per call: most of fp32's
+    accuracy on outlier-token layers at a fraction of its cost; see quantize/per_token.py).
+    ``ptq`` configures the int8 part; ``eval_samples`` caps the evaluation samples used for the
+    search (None: all)."""
 
     max_drop: float = 0.001
     ptq: PTQInt8Config = field(default_factory=lambda: PTQInt8Config(progress=False))
     eval_samples: int | None = None
+    high: Literal["fp32", "per_token"] = "fp32"
 
     def validate(self) -> None:
         if self.max_drop < 0:
@@ -137,6 +144,10 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     folded = prepare_float(task.export(module), batches, ptq)
     full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None,
                              activation_matmuls=ptq.activation_matmuls)
+    fixed = per_token_layers(folded, full, ptq.per_token)  # per-token by the user's choice, not searched
+    if fixed:
+        full = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(sorted(fixed)),
+                                 op_types=ptq.op_types or None, activation_matmuls=ptq.activation_matmuls)
     options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
     # full plan (after a MaxPool) needs one of its own once that input's layer returns to float.
@@ -145,22 +156,31 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     weights = mse_weight_params(folded, full, ptq.per_channel) if ptq.weight_observer == "mse" else None
     nodes = [folded.graph.node[i] for i in full.weighted]
     names = [layer_name(n) for n in nodes]
+    linear = {name for name, n in zip(names, nodes) if n.op_type in ("MatMul", "Gemm")}
 
-    def lower(float_layers: set[str]) -> onnx.ModelProto:
-        plan = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(float_layers),
+    def lower(raised: set[str], high: str = config.high) -> onnx.ModelProto:
+        plan = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(sorted(raised | fixed)),
                                  op_types=ptq.op_types or None, activation_matmuls=ptq.activation_matmuls)
-        return lower_qdq(folded, plan, ranges, activation_dtype=dtype, activation_symmetric=ptq.activation_symmetric,
-                         per_channel=ptq.per_channel, weight_params=weights)
+        graph = lower_qdq(folded, plan, ranges, activation_dtype=dtype, activation_symmetric=ptq.activation_symmetric,
+                          per_channel=ptq.per_channel, weight_params=weights)
+        per_token = fixed | (raised & linear if high == "per_token" else set())  # a raised Conv stays float
+        return lower_per_token(graph, per_token, dtype) if per_token else graph
 
     ev = Evaluator(task, config.eval_samples)
     ref_out = ev.outputs(folded)
     base = ev.score(ref_out)
-    rows = ev.sensitivity(names, lambda name: lower(set(names) - {name}), ref_out, base, "int8",
+    # Sensitivity: each layer alone at static int8, every other one in float (whatever ``high`` is).
+    rows = ev.sensitivity(names, lambda name: lower(set(names) - {name}, "fp32"), ref_out, base, "int8",
                           [n.op_type for n in nodes])
-    float_layers, score, met, graph = fewest_layers(rows, lower, ev, base, config.max_drop, "fp32")
+    raised, score, met, graph = fewest_layers(rows, lower, ev, base, config.max_drop, config.high)
+    for r in rows:
+        if r["precision"] == "per_token" and r["layer"] not in linear:
+            r["precision"] = "fp32"
     if ptq.embeddings:
         graph = quantize_embeddings(graph)
+    kept = "kept in float" if config.high == "fp32" else "raised to per-token int8"
     files = sensitivity_files(rows, task.metric_name, base, score, config.max_drop, met,
-                              f"{len(float_layers)} of {len(rows)} layers kept in float")
-    notes = {"float_layers": sorted(float_layers), "budget_met": met, "search_metric": score}
+                              f"{len(raised)} of {len(rows)} layers {kept}")
+    notes = {"float_layers" if config.high == "fp32" else "per_token_layers": sorted(raised), "budget_met": met,
+             "search_metric": score}
     return ModelArtifact(torch=module, onnx=graph, notes=notes, files=files)

@@ -20,7 +20,8 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.equalize import equalize_cross_layer, smooth_quant
 from edgeslim.quantize.observers import MSEObserver
 from edgeslim.quantize.fold import fold_batchnorm
-from edgeslim.quantize.lower import lower_qdq, plan_quantization
+from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
+from edgeslim.quantize.per_token import lower_per_token, match_layers
 from edgeslim.registry import register
 from edgeslim.runtime.ort import input_feed
 from edgeslim.task import ModelArtifact, Task
@@ -39,10 +40,14 @@ class PTQInt8Config(TechniqueConfig):
     evens out weight ranges of Conv -> ReLU -> Conv pairs (Nagel et al. 2019): both keep the float
     function and make the int8 grid fit. ReLU6 pairs (``cle_relu6``): "skip" leaves them alone;
     "bound" rescales them exactly with a per-channel Min (measured: int8 latency doubles);
-    "relu" turns ReLU6 into ReLU as the paper does for MobileNetV2 (changes the float model). ``exclude`` keeps layers (torch module or ONNX node names)
-    in float; ``op_types`` limits quantization to those op types (``["MatMul"]`` for transformers:
-    int8 projections, float residual stream); ``activation_matmuls`` also runs attention's
-    activation-by-activation MatMuls in int8; ``embeddings`` stores embedding tables as int8 rows. ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
+    "relu" turns ReLU6 into ReLU as the paper does for MobileNetV2 (changes the float model).
+    ``exclude`` keeps layers (torch module or ONNX node names) in float; ``op_types`` limits
+    quantization to those op types (``["MatMul"]`` for transformers: int8 projections, float
+    residual stream); ``activation_matmuls`` also runs attention's activation-by-activation
+    MatMuls in int8; ``embeddings`` stores embedding tables as int8 rows. ``per_token`` names
+    layers (exact names or globs, e.g. ``"*.output.dense"``) whose input gets one int8 scale per
+    token, computed per call (:mod:`edgeslim.quantize.per_token`: for layers with outlier tokens,
+    like BERT's FFN-down). ``activation_dtype`` "auto" picks uint8 (U8S8) on x86-64
     and int8 elsewhere: on x86, ORT converts int8 activation Q/DQ pairs to uint8 only where a Q
     feeds a single DQ, so with int8 a tensor shared by two consumers (a ResNet shortcut) leaves
     its Conv unfused (measured: 45% of ResNet-20's convs on integer kernels with int8, 100% with uint8).
@@ -67,6 +72,7 @@ class PTQInt8Config(TechniqueConfig):
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ()
     activation_matmuls: bool = False
+    per_token: tuple[str, ...] = ()
     embeddings: bool = True
     progress: bool = True
 
@@ -111,6 +117,10 @@ def quantize_static(
     folded = prepare_float(fp32, batches, config)
     plan = plan_quantization(folded, exclude=config.exclude, op_types=config.op_types or None,
                              activation_matmuls=config.activation_matmuls)
+    per_token = per_token_layers(folded, plan, config.per_token)
+    if per_token:  # those layers leave the static plan and are lowered per token at the end
+        plan = plan_quantization(folded, exclude=tuple(config.exclude) + tuple(sorted(per_token)),
+                                 op_types=config.op_types or None, activation_matmuls=config.activation_matmuls)
     options = {"dtype": dtype, "symmetric": config.activation_symmetric, "percentile": config.percentile}
     ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.observer, observer_options=options,
                             total=total, progress=config.progress)
@@ -135,7 +145,18 @@ def quantize_static(
         folded = correct_biases(folded, plan, lower, batches[: max(1, 256 // max(1, config.batch_size))],
                                 progress=config.progress)
     out = lower(folded)
+    if per_token:
+        out = lower_per_token(out, per_token, dtype)
     return quantize_embeddings(out) if config.embeddings else out
+
+
+def per_token_layers(folded: onnx.ModelProto, plan, patterns: Iterable[str]) -> set[str]:
+    """The planned weighted layers that ``patterns`` (PTQInt8Config.per_token) select."""
+    patterns = tuple(patterns)
+    if not patterns:
+        return set()
+    names = [layer_name(folded.graph.node[i]) for i in plan.weighted]
+    return match_layers(names, patterns)
 
 
 def mse_weight_params(folded: onnx.ModelProto, plan, per_channel: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -64,7 +64,8 @@ def markdown_table(result) -> str:
         "",
         f"Baseline: `{result.baseline}`. ×smaller and ×faster are relative to it; latency is ONNX Runtime "
         f"{rt.get('onnxruntime')} on {rt.get('provider')}, {rt.get('threads')} intra-op thread(s), batch "
-        f"{rt.get('batch_size')}, {rt.get('runs')} timed runs after {rt.get('warmup')} warm-up, all stages "
+        f"{rt.get('batch_size')}{', denormals flushed to zero' if rt.get('flush_denormals') else ''}, "
+        f"{rt.get('runs')} timed runs after {rt.get('warmup')} warm-up, all stages "
         f"interleaved in one process. int8 ops: share of compute ops (Conv/MatMul/Gemm families) that run as "
         f"integer kernels in the ORT-optimized graph. Machine: {mc.get('cpu')} ({mc.get('cpu_count')} cores).",
         "",

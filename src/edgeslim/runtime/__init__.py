@@ -1,10 +1,10 @@
 """ONNX export, ONNX Runtime sessions, benchmarks and graph statistics.
 
-This subpackage imports ``torch`` only inside :func:`export_onnx`, so benchmarking and inspecting
+This subpackage imports ``torch`` only inside :func:`export_onnx` and :func:`denormals_flushed`, so benchmarking and inspecting
 existing ONNX files stays light.
 """
 
-from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_latency, peak_memory_bytes
+from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_latency, denormals_flushed, peak_memory_bytes
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
 from edgeslim.runtime.ort import input_feed, make_session, predict, run
@@ -19,6 +19,7 @@ __all__ = [
     "compare_latency",
     "count_macs",
     "count_params",
+    "denormals_flushed",
     "export_onnx",
     "input_feed",
     "inspect_optimized",

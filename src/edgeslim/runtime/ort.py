@@ -46,11 +46,13 @@ def make_session(
     threads: int = 1,
     optimization: str = "all",
     optimized_model_path: str | Path | None = None,
+    flush_denormals: bool = False,
 ) -> ort.InferenceSession:
     """Create a CPU ``InferenceSession`` with fixed threading for reproducible measurements.
 
     ``optimized_model_path`` makes ORT write the graph it will actually execute (after fusions
-    and layout changes), which :mod:`edgeslim.runtime.inspect` reads back.
+    and layout changes), which :mod:`edgeslim.runtime.inspect` reads back. ``flush_denormals``
+    sets ORT's ``session.set_denormal_as_zero`` (its pool threads; see runtime.bench for the caller's).
     """
     if optimization not in OPTIMIZATION_LEVELS:
         raise RuntimeToolError(
@@ -66,6 +68,8 @@ def make_session(
     opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
     # 3 = ERROR: hides ORT's "Removing initializer ..." / fallback warnings that users cannot act on.
     opts.log_severity_level = 3
+    if flush_denormals:
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     if optimized_model_path is not None:
         opts.optimized_model_filepath = str(optimized_model_path)
 
