@@ -8,6 +8,7 @@ from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_late
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
 from edgeslim.runtime.ort import input_feed, make_session, predict, run
+from edgeslim.runtime.softmax import bound_softmax_inputs
 from edgeslim.runtime.stats import count_macs, count_params, op_histogram, size_bytes
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "GraphReport",
     "LatencyStats",
     "benchmark_latency",
+    "bound_softmax_inputs",
     "compare_latency",
     "count_macs",
     "count_params",

@@ -18,6 +18,7 @@ import onnx
 from edgeslim import io
 from edgeslim.errors import ExportError, ModelError, RuntimeToolError
 from edgeslim.runtime.ort import first_line, make_session, run
+from edgeslim.runtime.softmax import bound_softmax_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -106,6 +107,7 @@ def export_onnx(
     validate: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-3,
+    bound_softmax: bool = True,
 ) -> onnx.ModelProto:
     """Export ``model`` to ONNX (dynamo exporter), optionally validate in ORT and save atomically.
 
@@ -114,7 +116,9 @@ def export_onnx(
     exporter's optimizer. With ``validate`` the ORT outputs are compared to PyTorch on the
     example batch and on a batch twice as large, which proves the batch dimension is dynamic.
     ``dynamic_dims`` names further dynamic axes per input, e.g. ``[{1: "seq"}, {1: "seq"}]`` for
-    token ids and attention mask; axes sharing a name share one symbol.
+    token ids and attention mask; axes sharing a name share one symbol. ``bound_softmax`` floors
+    every Softmax input at its row max - 80 (:mod:`edgeslim.runtime.softmax`: same float32 outputs,
+    no slow denormal exps under attention masks).
     """
     import torch
 
@@ -169,6 +173,8 @@ def export_onnx(
 
     if dynamic_batch:
         _check_dynamic_batch(proto, cls)
+    if bound_softmax:
+        proto = bound_softmax_inputs(proto)
     if validate:
         feeds = [tuple(_to_numpy(t) for t in example_inputs)]
         refs = [reference]
