@@ -6,7 +6,7 @@ Sun et al. 2024). One scale per tensor, static or dynamic, spends the int8 grid 
 rounds every other token coarsely; SmoothQuant moves *channel* outliers, not token ones.
 Measured on all-MiniLM-L6-v2 (seq 128): with the six FFN-down projections per-token and the
 rest static SmoothQuant int8, mean/min cosine to fp32 go from 0.9961/0.976 to 0.9985/0.991 at
-~0.5 ms extra per call (benchmarks/quant_vs_peers.py).
+~0.5-0.7 ms extra per call of ~10 (benchmarks/quant_vs_peers.py).
 
 Lowered form, per layer (standard ONNX ops only; weights symmetric int8 per output column)::
 
