@@ -165,8 +165,11 @@ def minilm_rows(args) -> list[dict]:
         "edgeslim_ptq_percentile": ours(observer="percentile"),
         "edgeslim_ptq_smoothquant": ours(smoothquant_alpha=0.7),
         "edgeslim_ptq_smoothquant_attention": ours(smoothquant_alpha=0.7, activation_matmuls=True),
+        "edgeslim_ptq_kl": ours(observer="kl"),
         "edgeslim_ptq_smoothquant_per_token_ffn_down": ours(smoothquant_alpha=0.7, activation_matmuls=True,
                                                              per_token=ffn_down),
+        "edgeslim_ptq_smoothquant_per_token_ffn_down_biascorr": ours(smoothquant_alpha=0.7, activation_matmuls=True,
+                                                                      per_token=ffn_down, bias_correction=True),
         "edgeslim_weight_only_int4_g32": lambda: quantize_weight_only_graph(fp32, WeightOnlyConfig(bits=4, group_size=32)),
         "edgeslim_weight_only_int4_int8_budget": lambda: weight_only(
             ModelArtifact(task.model), WeightOnlyConfig(bits=4, group_size=32, max_drop=0.006), search).onnx,
@@ -186,6 +189,9 @@ def minilm_rows(args) -> list[dict]:
     if not args.quick:  # the MSE histogram search costs ~35 s per variant on MiniLM's activations
         methods["edgeslim_ptq_mse"] = ours(observer="mse", weight_observer="mse")
         methods["edgeslim_ptq_smoothquant_mse"] = ours(smoothquant_alpha=0.7, observer="mse", weight_observer="mse")
+        # AdaRound: 100 iterations per projection (36 of them) on the calibration sentences, ~5 min here
+        methods["edgeslim_ptq_smoothquant_per_token_ffn_down_adaround"] = ours(
+            smoothquant_alpha=0.7, activation_matmuls=True, per_token=ffn_down, adaround=True, adaround_iterations=100)
     # Timed twice: as ORT runs by default, and with denormals flushed (masked-softmax exps underflow
     # to denormals that cost ~10x on x86: edgeslim.runtime.bench's docstring).
     rows = measure("minilm", task, methods, runs=40 if args.quick else 150,
