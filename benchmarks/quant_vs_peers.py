@@ -170,6 +170,13 @@ def minilm_rows(args) -> list[dict]:
                                                              per_token=ffn_down),
         "edgeslim_ptq_smoothquant_per_token_ffn_down_biascorr": ours(smoothquant_alpha=0.7, activation_matmuls=True,
                                                                       per_token=ffn_down, bias_correction=True),
+        # QAT of the 36 projections (module wrapping; the 6 FFN-down per token), distilling the fp32
+        # embeddings on the calibration sentences (MiniLM's task has no labels)
+        "edgeslim_qat": lambda: qat_int8(
+            ModelArtifact(task.model),
+            QATConfig(op_types=("MatMul",), per_token=ffn_down, epochs=1 if args.quick else 2, lr=2e-5, batch_size=8,
+                      calibration_samples=len(cal_ids), progress=False),
+            task).onnx,
         "edgeslim_weight_only_int4_g32": lambda: quantize_weight_only_graph(fp32, WeightOnlyConfig(bits=4, group_size=32)),
         "edgeslim_weight_only_int4_int8_budget": lambda: weight_only(
             ModelArtifact(task.model), WeightOnlyConfig(bits=4, group_size=32, max_drop=0.006), search).onnx,

@@ -218,12 +218,16 @@ def lower_qdq(
     per_channel: bool = True,
     act_params: Mapping[str, tuple[float, int]] | None = None,
     weight_params: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    dq_readers: Collection[int] | None = None,
 ) -> onnx.ModelProto:
     """Return a QDQ copy of ``model``: int8 weights + DQ, int32 biases + DQ, Q/DQ pairs on ``plan.tensors``.
 
     ``ranges`` gives each calibrated tensor's (lo, hi). ``act_params`` overrides a tensor's
     ``(scale, zero_point)`` exactly (QAT's learned scales); ``weight_params`` overrides a node's
-    ``(int8 weights, scales)`` by node name (AdaRound, learned weight scales).
+    ``(int8 weights, scales)`` by node name (AdaRound, learned weight scales). By default every
+    consumer of a quantized tensor reads it dequantized; with ``dq_readers`` (node indices) only
+    those do and the others read the float tensor (Linear-layer QAT quantizes a LayerNorm output
+    for q/k/v, not for the residual Add that also reads it).
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -304,6 +308,8 @@ def lower_qdq(
         new_nodes.setdefault(src, []).extend([q, dq])
     kept_float = set(plan.kept_float)
     quantized = set(plan.tensors)
+    if dq_readers is not None:
+        kept_float |= set(range(len(graph.node))) - set(dq_readers)
     for index, node in enumerate(graph.node):
         for i, name in enumerate(node.input):
             if index in kept_float:

@@ -50,6 +50,10 @@ class QATConfig(TechniqueConfig):
     BatchNorm uses batch statistics until epoch ``freeze_bn_epoch``, running statistics after.
     ``activation_dtype`` only changes the exported zero points (uint8 zp = int8 zp + 128 gives
     the same grid); "auto" is uint8 on x86-64, where ORT fuses shared int8 tensors poorly (see PTQ).
+    ``op_types: ["MatMul"]`` switches to QAT of the Linear layers by module wrapping,
+    which needs no torch.fx trace and takes several inputs (transformers; quantize/qat_linear.py):
+    it trains on ``task.train``, or without it on the calibration inputs, reproducing the float
+    model's outputs where there are no class labels; ``per_token`` as in ``ptq_int8``.
     """
 
     epochs: int = 2
@@ -60,6 +64,8 @@ class QATConfig(TechniqueConfig):
     freeze_bn_epoch: int = 1
     calibration_samples: int = 256
     activation_dtype: Literal["auto", "int8", "uint8"] = "auto"
+    op_types: tuple[str, ...] = ()
+    per_token: tuple[str, ...] = ()
     seed: int = 0
     progress: bool = True
 
@@ -70,6 +76,11 @@ class QATConfig(TechniqueConfig):
                           ("calibration_samples", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        for op in self.op_types:
+            if op != "MatMul":
+                raise ConfigError(f"op_types: QAT of Linear layers supports MatMul only, got {op!r}")
+        if self.per_token and not self.op_types:
+            raise ConfigError("per_token: needs op_types (per-token layers exist on the Linear-layer QAT path)")
 
 
 @dataclass
@@ -420,4 +431,8 @@ def _mask_keeper(model: ModelArtifact, qat: QATModel) -> Callable[[], None] | No
 @register("qat_int8", QATConfig)
 def qat_int8(model: ModelArtifact, config: QATConfig, task: Task) -> ModelArtifact:
     """Quantization-aware int8 training, lowered to integer kernels (QDQ) with the learned scales."""
+    if config.op_types:
+        from edgeslim.quantize.qat_linear import linear_qat
+
+        return linear_qat(model, config, task)
     return quantization_aware_training(model, config, task)[0]
