@@ -165,6 +165,19 @@ class FreshNames:
         return name
 
 
+class NewConstants:
+    """Initializers a rewrite adds, under fresh names; ``tensors`` goes to ``rebuild``."""
+
+    def __init__(self, fresh: FreshNames) -> None:
+        self.fresh = fresh
+        self.tensors: list[TensorProto] = []
+
+    def __call__(self, base: str, value: np.ndarray) -> str:
+        name = self.fresh(base)
+        self.tensors.append(numpy_helper.from_array(value, name))
+        return name
+
+
 def _dynamic_matmul_sites(graph: onnx.GraphProto, ops: Collection[str], exclude: Collection[str],
                           taken: set[int]) -> list[int]:
     """MatMuls with two run-time inputs (e.g. attention q @ k^T), for ``activation_matmuls``."""
@@ -193,12 +206,7 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
     if config.activation_matmuls:
         act_act = set(_dynamic_matmul_sites(graph, config.ops, config.exclude, set(sites)))
     fresh = FreshNames(graph)
-    new_inits: list[TensorProto] = []
-
-    def const(base: str, value: np.ndarray) -> str:
-        name = fresh(base)
-        new_inits.append(numpy_helper.from_array(value, name))
-        return name
+    const = NewConstants(fresh)
 
     quantized: dict[str, tuple[str, str, str]] = {}  # float tensor -> its (q, scale, zero point)
 
@@ -240,7 +248,7 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
             b = const(f"{base}/bias", bias)
             ordered.append(helper.make_node("Add", [y_mul, b], [y], name=fresh(f"{base}/Bias")))
 
-    rebuild(graph, ordered, new_inits)
+    rebuild(graph, ordered, const.tensors)
     if config.embeddings:
         out = quantize_embeddings(out)
     return out

@@ -29,10 +29,10 @@ from typing import Collection
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from edgeslim.errors import ConfigError
-from edgeslim.quantize.dynamic import FreshNames, find_linear_sites
+from edgeslim.quantize.dynamic import FreshNames, NewConstants, find_linear_sites
 from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.quantize.lower import layer_name, quantize_weight
 
@@ -76,14 +76,9 @@ def lower_per_token(model: onnx.ModelProto, layers: Collection[str], activation_
     if opset < 13:
         raise ConfigError(f"per_token: needs ONNX opset >= 13 (per-axis QuantizeLinear), the graph has opset {opset}")
     fresh = FreshNames(graph)
-    inits: list[TensorProto] = []
+    const = NewConstants(fresh)
     zp_dtype = np.uint8 if activation_dtype == "uint8" else np.int8
     zp_value = 128 if activation_dtype == "uint8" else 0
-
-    def const(base: str, value: np.ndarray) -> str:
-        name = fresh(base)
-        inits.append(numpy_helper.from_array(value, name))
-        return name
 
     ordered: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
@@ -131,5 +126,5 @@ def lower_per_token(model: onnx.ModelProto, layers: Collection[str], activation_
             op("Reshape", [t["y2"], t["out_shape"]], "y")
             ordered.append(helper.make_node("Add", [t["y"], const(f"{base}/bias", site.bias)], [y],
                                             name=fresh(f"{base}/pt_Bias")))
-    rebuild(graph, ordered, inits)
+    rebuild(graph, ordered, const.tensors)
     return out

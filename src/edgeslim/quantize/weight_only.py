@@ -37,13 +37,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError
-from edgeslim.quantize.dynamic import FreshNames, LinearSite, check_exclude, find_linear_sites, node_label
+from edgeslim.quantize.dynamic import (
+    FreshNames, LinearSite, NewConstants, check_exclude, find_linear_sites, node_label,
+)
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task
 
@@ -229,12 +231,7 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
         raise ConfigError(f"layer_bits: no quantizable MatMul/Gemm named {unknown[0]!r} (candidates: {shown})")
     by_index = {s.index: s for s in sites}
     fresh = FreshNames(graph)
-    new_inits: list[TensorProto] = []
-
-    def const(base: str, value: np.ndarray) -> str:
-        name = fresh(base)
-        new_inits.append(numpy_helper.from_array(value, name))
-        return name
+    const = NewConstants(fresh)
 
     ordered: list[onnx.NodeProto] = []
     for index, node in enumerate(graph.node):
@@ -265,7 +262,7 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
         if extra_add:
             ordered.append(helper.make_node("Add", [y_mm, extra_add], [y], name=fresh(f"{base}/Bias")))
 
-    rebuild(graph, ordered, new_inits)
+    rebuild(graph, ordered, const.tensors)
     if sites and not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if config.embeddings:
