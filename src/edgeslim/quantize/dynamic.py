@@ -49,6 +49,7 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.quantize.lower import quantize_weight
+from edgeslim.runtime.names import FreshNames
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task
 
@@ -148,21 +149,6 @@ def find_linear_sites(model: onnx.ModelProto, ops: Collection[str] = SUPPORTED_O
             w = w * np.float32(a.get("alpha", 1.0))
         sites.append(LinearSite(index, node, np.ascontiguousarray(w, dtype=np.float32), bias))
     return sites
-
-
-class FreshNames:
-    """Fresh tensor/node names that cannot collide with the graph's own."""
-
-    def __init__(self, graph: onnx.GraphProto) -> None:
-        self.used = {i.name for i in graph.initializer} | {i.name for i in graph.input}
-        self.used |= {o for n in graph.node for o in n.output} | {n.name for n in graph.node}
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
 
 
 class NewConstants:

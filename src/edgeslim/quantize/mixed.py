@@ -26,7 +26,7 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token
 from edgeslim.quantize.ptq import (
-    PTQInt8Config, mse_weight_params, per_token_layers, prepare_float, resolve_activation_dtype,
+    PTQInt8Config, mse_weight_params, plan_per_token, prepare_float, resolve_activation_dtype,
 )
 from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
@@ -142,12 +142,9 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     dtype = resolve_activation_dtype(ptq.activation_dtype)
     batches = [x for x, _ in task.calibration_batches(ptq.batch_size, limit=ptq.calibration_samples)]
     folded = prepare_float(task.export(module), batches, ptq)
-    full = plan_quantization(folded, exclude=ptq.exclude, op_types=ptq.op_types or None,
-                             activation_matmuls=ptq.activation_matmuls)
-    fixed = per_token_layers(folded, full, ptq.per_token)  # per-token by the user's choice, not searched
-    if fixed:
-        full = plan_quantization(folded, exclude=tuple(ptq.exclude) + tuple(sorted(fixed)),
-                                 op_types=ptq.op_types or None, activation_matmuls=ptq.activation_matmuls)
+    # ``fixed``: per-token by the user's choice (ptq.per_token), not searched
+    full, fixed = plan_per_token(folded, ptq.per_token, exclude=ptq.exclude, op_types=ptq.op_types or None,
+                                 activation_matmuls=ptq.activation_matmuls)
     options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
     # full plan (after a MaxPool) needs one of its own once that input's layer returns to float.

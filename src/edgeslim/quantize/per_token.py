@@ -32,9 +32,10 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgeslim.errors import ConfigError
-from edgeslim.quantize.dynamic import FreshNames, NewConstants, find_linear_sites
+from edgeslim.quantize.dynamic import NewConstants, find_linear_sites
 from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.quantize.lower import layer_name, quantize_weight
+from edgeslim.runtime.names import FreshNames
 
 __all__ = ["lower_per_token", "match_layers"]
 

@@ -20,7 +20,7 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.equalize import equalize_cross_layer, smooth_quant
 from edgeslim.quantize.observers import MSEObserver
 from edgeslim.quantize.fold import fold_batchnorm
-from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
+from edgeslim.quantize.lower import QuantPlan, layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token, match_layers
 from edgeslim.registry import register
 from edgeslim.runtime.ort import input_feed
@@ -115,12 +115,8 @@ def quantize_static(
     batches = list(batches)
     dtype = resolve_activation_dtype(config.activation_dtype)
     folded = prepare_float(fp32, batches, config)
-    plan = plan_quantization(folded, exclude=config.exclude, op_types=config.op_types or None,
-                             activation_matmuls=config.activation_matmuls)
-    per_token = per_token_layers(folded, plan, config.per_token)
-    if per_token:  # those layers leave the static plan and are lowered per token at the end
-        plan = plan_quantization(folded, exclude=tuple(config.exclude) + tuple(sorted(per_token)),
-                                 op_types=config.op_types or None, activation_matmuls=config.activation_matmuls)
+    plan, per_token = plan_per_token(folded, config.per_token, exclude=config.exclude,
+                                     op_types=config.op_types or None, activation_matmuls=config.activation_matmuls)
     options = {"dtype": dtype, "symmetric": config.activation_symmetric, "percentile": config.percentile}
     ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.observer, observer_options=options,
                             total=total, progress=config.progress)
@@ -150,13 +146,18 @@ def quantize_static(
     return quantize_embeddings(out) if config.embeddings else out
 
 
-def per_token_layers(folded: onnx.ModelProto, plan, patterns: Iterable[str]) -> set[str]:
-    """The planned weighted layers that ``patterns`` (PTQInt8Config.per_token) select."""
+def plan_per_token(folded: onnx.ModelProto, patterns: Iterable[str], *, exclude: Iterable[str] = (),
+                   op_types: Iterable[str] | None = None, activation_matmuls: bool = False) -> tuple[QuantPlan, set[str]]:
+    """The static int8 plan without the layers ``patterns`` (``per_token``) select, and those layers:
+    they leave the static plan and are lowered per token at the end."""
+    plan = plan_quantization(folded, exclude=tuple(exclude), op_types=op_types, activation_matmuls=activation_matmuls)
     patterns = tuple(patterns)
     if not patterns:
-        return set()
-    names = [layer_name(folded.graph.node[i]) for i in plan.weighted]
-    return match_layers(names, patterns)
+        return plan, set()
+    per_token = match_layers([layer_name(folded.graph.node[i]) for i in plan.weighted], patterns)
+    plan = plan_quantization(folded, exclude=tuple(exclude) + tuple(sorted(per_token)), op_types=op_types,
+                             activation_matmuls=activation_matmuls)
+    return plan, per_token
 
 
 def mse_weight_params(folded: onnx.ModelProto, plan, per_channel: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:

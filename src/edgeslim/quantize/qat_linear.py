@@ -38,7 +38,7 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.fake_quant import ActFakeQuant, QuantWeighted, set_submodule
 from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token
-from edgeslim.quantize.ptq import per_token_layers, resolve_activation_dtype
+from edgeslim.quantize.ptq import plan_per_token, resolve_activation_dtype
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
 
@@ -64,9 +64,8 @@ class QuantLinear(nn.Module):
 
 
 def _inputs(x: Any) -> tuple[torch.Tensor, ...]:
-    xs = x if isinstance(x, tuple) else (x,)
-    return tuple(torch.as_tensor(np.asarray(a)) if np.asarray(a).dtype.kind in "iub"
-                 else torch.as_tensor(np.asarray(a, dtype=np.float32)) for a in xs)
+    arrays = [np.asarray(a) for a in (x if isinstance(x, tuple) else (x,))]
+    return tuple(torch.as_tensor(a if a.dtype.kind in "iub" else a.astype(np.float32, copy=False)) for a in arrays)
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -144,10 +143,7 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     source = copy.deepcopy(teacher)
     data, data_name = _training_data(task)
     fp32 = task.export(source)
-    plan = plan_quantization(fp32, op_types=config.op_types)
-    per_token = per_token_layers(fp32, plan, config.per_token)
-    if per_token:
-        plan = plan_quantization(fp32, exclude=tuple(sorted(per_token)), op_types=config.op_types)
+    plan, per_token = plan_per_token(fp32, config.per_token, op_types=config.op_types)
     if not plan.weighted:
         raise ModelError(f"qat_int8: no {'/'.join(config.op_types)} layer with a constant weight to quantize")
     acts, wrapped = _wrap(source, fp32, plan, config.learn_scales)

@@ -44,9 +44,10 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.dynamic import (
-    FreshNames, LinearSite, NewConstants, check_exclude, find_linear_sites, node_label,
+    LinearSite, NewConstants, check_exclude, find_linear_sites, node_label,
 )
 from edgeslim.registry import register
+from edgeslim.runtime.names import FreshNames
 from edgeslim.task import ModelArtifact, Task
 
 SUPPORTED_BITS = (2, 4, 8)  # what onnxruntime's CPU MatMulNBits kernel runs (1.32)

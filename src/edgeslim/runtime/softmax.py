@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from edgeslim.runtime.names import FreshNames
+
 __all__ = ["SOFTMAX_FLOOR", "bound_softmax_inputs"]
 
 SOFTMAX_FLOOR = 80.0  # exp(-80) ~ 1.8e-35 is still a normal float32 (FLT_MIN ~ 1.2e-38 = exp(-87.3))
@@ -36,21 +38,13 @@ def bound_softmax_inputs(model: onnx.ModelProto, floor: float = SOFTMAX_FLOOR) -
     out.CopyFrom(model)
     opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
     graph = out.graph
+
     def is_softmax(node: onnx.NodeProto) -> bool:
         return node.op_type == "Softmax" and node.domain in ("", "ai.onnx")
 
     if opset < 13 or not any(is_softmax(n) for n in graph.node):
         return out
-    used = ({i.name for i in graph.initializer} | {i.name for i in graph.input}
-            | {o for n in graph.node for o in n.output} | {n.name for n in graph.node})
-
-    def fresh(base: str) -> str:
-        name, k = base, 1
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        return name
-
+    fresh = FreshNames(graph)
     floor_name = fresh("softmax_floor")
     graph.initializer.append(numpy_helper.from_array(np.array(floor, np.float32), floor_name))
     ordered: list[onnx.NodeProto] = []
