@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROW_KEYS = ("model", "method", "metric_name", "metric", "size_bytes", "latency_ms_p50", "speedup_vs_fp32",
             "int8_op_fraction", "seconds")
@@ -44,6 +45,23 @@ def finish(name: str, rows: list[dict[str, Any]], args: argparse.Namespace, extr
     if args.json is not None:
         io.write_json(args.json, doc)
         print(f"wrote {args.json}")
+
+
+def run_sections(name: str, args: argparse.Namespace,
+                 sections: dict[str, tuple[str, Callable[[argparse.Namespace], list[dict[str, Any]]]]],
+                 verdict: Callable[[list[dict[str, Any]]], dict[str, Any]]) -> None:
+    """Run the sections ``args.only`` selects (key -> (banner, rows function)) in order, then check
+    the targets with ``verdict``, print and write everything with :func:`finish`."""
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for key, (banner, make_rows) in sections.items():
+        if args.only in (None, key):
+            print(f"== {banner}", flush=True)
+            rows += make_rows(args)
+    v = verdict(rows)
+    finish(name, rows, args, {"verdict": v, "seconds_total": round(time.perf_counter() - started, 1)})
+    for section, d in v.items():
+        print(section, d)
 
 
 def _fmt(v: Any) -> str:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import finish, parser  # noqa: E402
+from _common import parser, run_sections  # noqa: E402
 
 TARGET_SPEEDUP, TARGET_DROP = 2.0, 0.01
 
@@ -209,19 +209,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    started = time.perf_counter()
-    rows: list[dict] = []
-    if args.only in (None, "cnn"):
-        print("== CNN (vgg_small, MNIST): Tucker-2 + KD fine-tune", flush=True)
-        rows += cnn_rows(args)
-    if args.only in (None, "minilm"):
-        print("== MiniLM (all-MiniLM-L6-v2, seq 128): SVD of the FFN", flush=True)
-        rows += minilm_rows(args)
-    v = verdict(rows)
-    finish("lowrank", rows, args, {"verdict": v, "seconds_total": round(time.perf_counter() - started, 1)})
-    for section, d in v.items():
-        print(section, d)
-
+    run_sections("lowrank", args, {"cnn": ("CNN (vgg_small, MNIST): Tucker-2 + KD fine-tune", cnn_rows),
+                                   "minilm": ("MiniLM (all-MiniLM-L6-v2, seq 128): SVD of the FFN", minilm_rows)},
+                 verdict)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import finish, parser  # noqa: E402
+from _common import parser, run_sections  # noqa: E402
 from _peers import nncf_quantize, ort_quantize_dynamic, ort_quantize_static  # noqa: E402
 
 from edgeslim.quantize import (  # noqa: E402
@@ -261,19 +261,8 @@ def main() -> None:
     p.add_argument("--only", choices=["cnn", "minilm"], default=None)
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    started = time.perf_counter()
-    rows = []
-    if args.only in (None, "cnn"):
-        print("== CNN (vgg_small, MNIST)")
-        rows += cnn_rows(args)
-    if args.only in (None, "minilm"):
-        print("== MiniLM (all-MiniLM-L6-v2, seq 128)")
-        rows += minilm_rows(args)
-    v = verdict(rows)
-    finish("quant_vs_peers", rows, args, {"verdict": v, "seconds_total": round(time.perf_counter() - started, 1)})
-    for section, d in v.items():
-        print(section, d)
-
+    run_sections("quant_vs_peers", args, {"cnn": ("CNN (vgg_small, MNIST)", cnn_rows),
+                                          "minilm": ("MiniLM (all-MiniLM-L6-v2, seq 128)", minilm_rows)}, verdict)
 
 if __name__ == "__main__":
     main()
