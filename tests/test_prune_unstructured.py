@@ -229,6 +229,8 @@ def test_a_corrupt_sparse_file_is_a_checkpoint_error(tmp_path):
 @pytest.mark.parametrize("kwargs, field", [
     ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"overrides": {"1": 1.5}}, "overrides.1"),
     ({"m": 4, "n": 4}, "n"), ({"schedule": "gradual"}, "epochs"), ({"index_bits": 0}, "index_bits"),
+    ({"augment_shift": -1}, "augment_shift"), ({"final_epochs": -1}, "final_epochs"),
+    ({"final_epochs": 2}, "final_epochs"), ({"epochs": 1, "final_lr": 0.0}, "final_lr"),
 ])
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -247,6 +249,35 @@ def test_technique_rejects_unknown_layers_and_missing_train_data():
     with pytest.raises(ConfigError, match="^epochs"):
         task = _task(train_data=False)
         prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(epochs=1), task)
+
+
+def test_function_matching_fine_tune_shifts_the_images_and_keeps_the_zeros():
+    """augment_shift reaches the distillation fine-tune: the result differs from the unshifted one,
+    and the pruned weights stay zero."""
+    task = _task()
+    outs = []
+    for shift in (0, 1):
+        config = PruneMagnitudeConfig(sparsity=0.8, schedule="iterative", rounds=2, epochs=1, lr=1e-2, batch_size=32,
+                                      temperature=4.0, augment_shift=shift, progress=False)
+        outs.append(prune_magnitude(ModelArtifact(task.model), config, task).torch)
+    assert layer_sparsity(outs[1]) == pytest.approx(layer_sparsity(outs[0]), abs=1e-3)
+    assert sparsity_of(outs[1]) == pytest.approx(0.8, abs=1e-3)
+    assert not torch.equal(outs[0][1].weight, outs[1][1].weight)
+
+
+def test_final_fine_tune_trains_the_finished_sparse_model_further():
+    task = _task()
+    common = dict(sparsity=0.8, schedule="iterative", rounds=2, epochs=1, lr=1e-2, batch_size=32, progress=False)
+    before = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(**common), task).torch
+    after = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(**common, final_epochs=3, final_lr=5e-3),
+                            task).torch
+    assert sparsity_of(after) == pytest.approx(0.8, abs=1e-3)
+    assert torch.equal(after[1].weight == 0, before[1].weight == 0)  # same masks: the final fine-tune prunes nothing
+    assert not torch.equal(after[1].weight, before[1].weight)
+    x, y = task.train
+    loss = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        assert loss(after(torch.from_numpy(x)), torch.from_numpy(y)) < loss(before(torch.from_numpy(x)), torch.from_numpy(y))
 
 
 def test_gradual_kd_technique_keeps_the_sparsity_and_learns():

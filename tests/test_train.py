@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from edgeslim.data import load_digits
-from edgeslim.errors import CheckpointError
+from edgeslim.errors import CheckpointError, DataError
 from edgeslim.models import build_model
 from edgeslim.train import _random_shift, evaluate_accuracy, load_checkpoint, save_checkpoint, train
 
@@ -51,6 +51,12 @@ def test_random_shift_is_a_translation() -> None:
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) > 3  # per-image shifts, not one shift for the whole batch
+
+
+def test_shift_needs_image_batches() -> None:
+    x, y = np.zeros((8, 64), np.float32), np.zeros(8, np.int64)
+    with pytest.raises(DataError, match=r"^augment_shift: .*\(8, 64\)"):
+        train(torch.nn.Linear(64, 10), x, y, epochs=1, augment_shift=1, batch_size=8, progress=False)
 
 
 def test_training_is_deterministic(digits) -> None:

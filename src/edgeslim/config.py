@@ -115,10 +115,10 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
 
 def check_fine_tune(config: Any) -> None:
     """The fields every fine-tuning technique shares (``epochs``, ``lr``, ``batch_size``,
-    ``temperature``, ``alpha``): ConfigError naming the first bad one."""
+    ``temperature``, ``alpha``, ``augment_shift``): ConfigError naming the first bad one."""
     import math
 
-    for name, low in (("epochs", 0), ("batch_size", 1)):
+    for name, low in (("epochs", 0), ("batch_size", 1), ("augment_shift", 0)):
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")

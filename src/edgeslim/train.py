@@ -71,6 +71,8 @@ def _num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
 
 def _random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-k, k], filling with zeros."""
+    if xb.dim() != 4:
+        raise DataError(f"augment_shift: shifts images, needs batches shaped (N, C, H, W), got {tuple(xb.shape)}")
     b, _, h, w = xb.shape
     padded = nn.functional.pad(xb, (k, k, k, k))  # (B, C, H+2k, W+2k)
     off = torch.randint(0, 2 * k + 1, (2, b), generator=generator)

@@ -52,6 +52,7 @@ class ClusterConfig(TechniqueConfig):
     batch_size: int = 64
     temperature: float = 0.0
     alpha: float = 0.9
+    augment_shift: int = 0
     seed: int = 0
     progress: bool = True
 

@@ -181,15 +181,21 @@ def _make_batch_loss(
 
 
 def fine_tune(student: nn.Module, teacher: nn.Module, config, data, *, epochs: int | None = None,
-              after_step: Callable[[nn.Module], None] | None = None, weight_decay: float = 0.0) -> nn.Module:
+              lr: float | None = None, after_step: Callable[[nn.Module], None] | None = None,
+              weight_decay: float = 0.0) -> nn.Module:
     """The fine-tune every lossy step shares: ``config.temperature > 0`` distils from ``teacher``
     (Hinton KD with ``config.alpha``), 0 trains on the labels with cross-entropy (and
-    ``weight_decay``). ``config`` carries ``epochs``, ``lr``, ``batch_size``, ``seed``, ``progress``
-    (see :func:`edgeslim.config.check_fine_tune`); ``data`` is a DataLoader or an ``(x, y)`` pair."""
+    ``weight_decay``). ``config`` carries ``epochs``, ``lr`` (the arguments override both),
+    ``batch_size``, ``seed``, ``progress`` and ``augment_shift`` (see
+    :func:`edgeslim.config.check_fine_tune`); ``data`` is a DataLoader or an ``(x, y)`` pair.
+
+    With distillation, ``augment_shift`` > 0 shows teacher and student the same randomly shifted
+    images ("function matching", Beyer et al. 2022): the student learns the teacher's function on
+    inputs near the training set, which needs nothing but the teacher (no new labels)."""
     x, y = (data, None) if not isinstance(data, (tuple, list)) else data
-    common = {"epochs": config.epochs if epochs is None else epochs, "lr": config.lr,
+    common = {"epochs": config.epochs if epochs is None else epochs, "lr": config.lr if lr is None else lr,
               "batch_size": config.batch_size, "seed": config.seed, "progress": config.progress,
-              "after_step": after_step}
+              "after_step": after_step, "augment_shift": config.augment_shift}
     if config.temperature > 0:
         return distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
     return train(student, x, y, weight_decay=weight_decay, **common)

@@ -64,6 +64,7 @@ class LowRankConfig(TechniqueConfig):
     batch_size: int = 64
     temperature: float = 4.0
     alpha: float = 0.9
+    augment_shift: int = 0
     seed: int = 0
     progress: bool = True
 

@@ -50,6 +50,7 @@ class PruneChannelsConfig(TechniqueConfig):
     batch_size: int = 64
     temperature: float = 0.0
     alpha: float = 0.9
+    augment_shift: int = 0
     taylor_batches: int = 4
     seed: int = 0
     progress: bool = True

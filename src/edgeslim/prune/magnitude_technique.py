@@ -45,9 +45,12 @@ class PruneMagnitudeConfig(TechniqueConfig):
 
     ``schedule``: ``one_shot`` prunes once, then fine-tunes ``epochs``; ``gradual`` prunes during the
     ``epochs`` of fine-tuning on Zhu & Gupta's cubic schedule (``updates`` mask updates);
-    ``iterative`` runs ``rounds`` of prune + ``epochs`` of retraining (Han et al.). ``overrides``
-    maps a layer (module or weight name) to its own sparsity. ``temperature > 0`` fine-tunes by
-    distillation from the model entering the step. The sparse file stores gaps in ``index_bits``.
+    ``iterative`` runs ``rounds`` of prune + ``epochs`` of retraining (Han et al.). ``final_epochs``
+    then fine-tunes the finished sparse model once more, at ``final_lr`` (default ``lr``): a short
+    retraining per round and a long one at the end. ``overrides`` maps a layer (module or weight
+    name) to its own sparsity. ``temperature > 0`` fine-tunes by distillation from the model
+    entering the step; ``augment_shift`` shifts the images of that fine-tune (see
+    :func:`edgeslim.distill.trainer.fine_tune`). The sparse file stores gaps in ``index_bits``.
     """
 
     sparsity: float = 0.5
@@ -61,10 +64,13 @@ class PruneMagnitudeConfig(TechniqueConfig):
     updates: int = 10
     epochs: int = 0
     lr: float = 1e-3
+    final_epochs: int = 0
+    final_lr: float | None = None
     batch_size: int = 64
     weight_decay: float = 0.0
     temperature: float = 0.0
     alpha: float = 0.9
+    augment_shift: int = 0
     index_bits: int = 5
     seed: int = 0
     progress: bool = True
@@ -83,7 +89,7 @@ class PruneMagnitudeConfig(TechniqueConfig):
         elif self.m < 0:
             raise ConfigError(f"m: must be >= 0 (0 = unstructured), got {self.m}")
         check_fine_tune(self)
-        lows = (("rounds", 1), ("updates", 1), ("index_bits", 1), ("seed", 0))
+        lows = (("rounds", 1), ("updates", 1), ("index_bits", 1), ("seed", 0), ("final_epochs", 0))
         for name, low in lows:
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
@@ -91,6 +97,10 @@ class PruneMagnitudeConfig(TechniqueConfig):
             raise ConfigError(f"index_bits: must be <= 16, got {self.index_bits}")
         if self.schedule != "one_shot" and self.epochs < 1:
             raise ConfigError(f"epochs: the {self.schedule} schedule prunes while fine-tuning; set epochs >= 1")
+        if self.final_lr is not None and not (math.isfinite(self.final_lr) and self.final_lr > 0):
+            raise ConfigError(f"final_lr: must be > 0 (or null: lr), got {self.final_lr}")
+        if self.final_epochs and self.epochs < 1:
+            raise ConfigError("final_epochs: a final fine-tune needs the fine-tune settings; set epochs >= 1")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
 
@@ -108,13 +118,13 @@ def _mask_fn(config: PruneMagnitudeConfig) -> Callable[[nn.Module, float], Masks
     return masks
 
 
-def _fine_tune(config: PruneMagnitudeConfig, task: Task, teacher: nn.Module | None,
-               epochs: int) -> Callable[[nn.Module, Callable[[nn.Module], None]], nn.Module]:
+def _fine_tune(config: PruneMagnitudeConfig, task: Task, teacher: nn.Module | None, epochs: int,
+               lr: float | None = None) -> Callable[[nn.Module, Callable[[nn.Module], None]], nn.Module]:
     """``retrain(model, after_step)``: ``epochs`` of CE training, or of KD from ``teacher``."""
     from edgeslim.distill.trainer import fine_tune
 
     def retrain(model: nn.Module, after_step: Callable[[nn.Module], None]) -> nn.Module:
-        return fine_tune(model, teacher, config, task.train, epochs=epochs, after_step=after_step,
+        return fine_tune(model, teacher, config, task.train, epochs=epochs, lr=lr, after_step=after_step,
                          weight_decay=config.weight_decay)
 
     return retrain
@@ -149,6 +159,9 @@ def prune_model(model: nn.Module, config: PruneMagnitudeConfig, task: Task) -> t
         apply_masks(student, masks)
         if retrain is not None:
             student = retrain(student, mask_keeper(masks))
+    if config.final_epochs:
+        final = _fine_tune(config, task, teacher, config.final_epochs, config.final_lr)
+        student = final(apply_masks(student, masks), mask_keeper(masks))
     return apply_masks(student.eval(), masks), masks
 
 
