@@ -15,7 +15,8 @@ slower): train the dense model (AdamW, weight decay 0.05, one-cycle, batch 128);
 registered ``prune_magnitude`` technique, Han et al.'s iterative schedule (3 rounds of magnitude
 pruning to a rising share of the per-layer targets, each followed by retraining with the pruned
 weights held at zero) to the kept fractions of ``benchmarks/prune_han.py`` (LeNet-300-100
-7 / 8 / 25 %, LeNet-5 66 / 12 / 5.5 / 15 %; paper 8 / 9 / 26 % and 66 / 12 / 8 / 19 %), unless
+7 / 8 / 25 %, LeNet-5 66 / 12 / 5.5 / 15 %; paper 8 / 9 / 26 % and 66 / 12 / 8 / 19 %) with its
+settings (LeNet-300-100: distillation retraining and a final fine-tune; seed 0), unless
 ``--pruned-dir`` gives its checkpoints; cluster with the registered ``cluster`` technique
 (linear-init k-means, shared-gradient centroid fine-tune with cross-entropy, lr 1e-3), which
 writes the Huffman-coded file; reload the file into a fresh model and check that the decode is
@@ -47,25 +48,21 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import finish, parser  # noqa: E402
+from prune_han import BATCH, KEEP, WEIGHT_DECAY, prune_config, settings  # noqa: E402
 
 PAPER = {
     "lenet300": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "dense_error_pct": 1.64, "error_pct": 1.58},
     "lenet5": {"dense_kb": 1720, "compressed_kb": 44, "ratio": 39, "dense_error_pct": 0.80, "error_pct": 0.74},
 }
 TARGET = {"lenet300": (40.0, 45.0), "lenet5": (39.0, 42.0)}  # (target, stretch) compression ratios
-# Fraction of weights KEPT per layer (module names of build_model's nn.Sequential): the recipe of
-# benchmarks/prune_han.py, a little below the paper's 8/9/26 % and 66/12/8/19 %.
-KEEP = {"lenet300": {"1": 0.07, "3": 0.08, "5": 0.25},
-        "lenet5": {"0": 0.66, "2": 0.12, "5": 0.055, "7": 0.15}}
 # codebook bits: LeNet-5 as in the paper (conv 8, fc 5); LeNet-300-100 5 instead of the paper's 6
 # (measured from prune_han's checkpoint: 6 bits 39.7x / 173 errors, 5 bits 42.7x / 176 errors)
 BITS = {"lenet300": {"conv_bits": 8, "fc_bits": 5}, "lenet5": {"conv_bits": 8, "fc_bits": 5}}
-# dense epochs, dense lr, prune rounds, retrain epochs per round, retrain lr (prune_han's settings),
-# cluster fine-tune epochs, cluster fine-tune lr (LeNet-300-100, full MNIST, from a 6 %-kept
-# checkpoint: 2 epochs at 1e-4 left its 196 errors unchanged, 4 at 1e-3 brought them to 182)
-SCHEDULE = {"full": {"lenet300": (8, 2e-3, 3, 5, 1e-3, 4, 1e-3), "lenet5": (4, 2e-3, 3, 2, 1e-3, 2, 1e-3)},
-            "quick": {"lenet300": (10, 2e-3, 3, 4, 1e-3, 4, 1e-3), "lenet5": (10, 2e-3, 3, 4, 1e-3, 2, 1e-3)}}
-WEIGHT_DECAY, BATCH = 0.05, 128
+# cluster fine-tune (epochs, lr) (LeNet-300-100, full MNIST, from a 6 %-kept checkpoint: 2 epochs
+# at 1e-4 left its 196 errors unchanged, 4 at 1e-3 brought them to 182). Dense training and pruning
+# are benchmarks/prune_han.py's (its settings and prune_config, seed 0).
+CLUSTER = {"full": {"lenet300": (4, 1e-3), "lenet5": (2, 1e-3)},
+           "quick": {"lenet300": (4, 1e-3), "lenet5": (2, 1e-3)}}
 
 
 def _errors(model, x, y) -> int:
@@ -80,7 +77,7 @@ def _find(directory: Path, model: str, kind: str) -> Path | None:
     return hits[0] if hits else None
 
 
-def dense_and_pruned(name: str, split, schedule: tuple, pruned_dir: Path | None):
+def dense_and_pruned(name: str, split, schedule: dict, pruned_dir: Path | None):
     """(dense model or None, seconds, pruned model, seconds): trained here or loaded from ``pruned_dir``.
 
     Pruning is the registered ``prune_magnitude`` technique, Han et al.'s iterative schedule.
@@ -88,12 +85,11 @@ def dense_and_pruned(name: str, split, schedule: tuple, pruned_dir: Path | None)
     import torch
 
     from edgeslim.models import build_model
-    from edgeslim.prune import PruneMagnitudeConfig, prune_magnitude
+    from edgeslim.prune import prune_magnitude
     from edgeslim.task import ModelArtifact, Task
     from edgeslim.train import load_checkpoint, train
 
     x, y = split.x_train, split.y_train
-    dense_epochs, lr, rounds, retrain_epochs, retrain_lr, _, _ = schedule
     if pruned_dir is not None:
         path = _find(pruned_dir, name, "pruned")
         if path is None:
@@ -104,15 +100,13 @@ def dense_and_pruned(name: str, split, schedule: tuple, pruned_dir: Path | None)
         return dense, None, load_checkpoint(build_model(name), path).eval(), None
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    dense = train(build_model(name), x, y, epochs=dense_epochs, lr=lr, batch_size=BATCH, weight_decay=WEIGHT_DECAY,
-                  progress=False)
+    dense = train(build_model(name), x, y, epochs=int(schedule["dense_epochs"]), lr=schedule["lr"], batch_size=BATCH,
+                  weight_decay=WEIGHT_DECAY, progress=False)
     dense_s = time.perf_counter() - t0
     print(f"{name}: dense trained in {dense_s:.0f} s, {_errors(dense, split.x_test, split.y_test)} errors", flush=True)
     task = Task(dense, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
                 evaluation=(split.x_test, split.y_test), train=(x, y))
-    config = PruneMagnitudeConfig(sparsity=0.0, overrides={k: 1.0 - v for k, v in KEEP[name].items()},
-                                  schedule="iterative", rounds=rounds, epochs=retrain_epochs, lr=retrain_lr,
-                                  batch_size=BATCH, weight_decay=WEIGHT_DECAY, progress=False)
+    config = prune_config(name, schedule)
     t0 = time.perf_counter()
     pruned = prune_magnitude(ModelArtifact(dense), config, task).torch.eval()
     pruned_s = time.perf_counter() - t0
@@ -193,9 +187,10 @@ def run_model(name: str, split, args, tmp: Path) -> tuple[list[dict], dict]:
     from edgeslim.prune.sparse import encode_sparse
     from edgeslim.runtime import compare_latency, export_onnx, size_bytes
 
-    schedule = SCHEDULE["quick" if args.quick else "full"][name]
+    mode = "quick" if args.quick else "full"
+    schedule = {**settings(args.quick)[name], "cluster_epochs_lr": CLUSTER[mode][name]}
     dense, dense_s, pruned, pruned_s = dense_and_pruned(name, split, schedule, args.pruned_dir)
-    out, config, cluster_s = cluster(name, pruned, split, *schedule[5:])
+    out, config, cluster_s = cluster(name, pruned, split, *CLUSTER[mode][name])
     data = out.files[out.size_file]
     path = tmp / f"{name}.esdc"
     path.write_bytes(data)
