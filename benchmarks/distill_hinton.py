@@ -8,7 +8,7 @@ without regularisation makes 146; the same 800-800 net trained on the teacher's 
 T = 20 makes 74. Here: same architectures, trained with the project's loop (AdamW, one-cycle LR,
 batch 128, lr 1e-3, seed 0). The teacher has ±2 px jitter and lighter dropout (0.1 input, 0.3
 hidden) for 150 epochs: in a side-by-side run of 150 epochs from the same seed the paper's
-0.2 / 0.5 converged more slowly (see BENCHMARKS.md). Every student trains for the same 40 epochs
+0.2 / 0.5 converged more slowly (see BENCHMARKS.md). Every student trains for the same 100 epochs
 (--quick: teacher 20, students 15). Four students:
 - ``student``: no dropout, no jitter (the paper's 146 row);
 - ``student_kd``: the same, trained on the teacher's soft targets (the paper's "regularised solely
@@ -87,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)
     split = load_mnist_idx(args.data_dir) if args.data_dir and not args.quick else load_mnist_sample()
     # The teacher (dropout + jitter) converges more slowly than the unregularised students.
-    teacher_epochs, epochs = (20, 15) if args.quick else (150, 40)
+    teacher_epochs, epochs = (20, 15) if args.quick else (150, 100)
     common = {"epochs": epochs, "lr": 1e-3, "batch_size": 128, "seed": 0, "progress": False}
     x, y = split.x_train, split.y_train
     models, seconds = {}, {}
