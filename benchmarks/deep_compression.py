@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import finish, parser  # noqa: E402
-from prune_han import BATCH, KEEP, WEIGHT_DECAY, prune_config, settings  # noqa: E402
+from prune_han import BATCH, KEEP, WEIGHT_DECAY, prune_config, seeds, settings  # noqa: E402
 
 PAPER = {
     "lenet300": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "dense_error_pct": 1.64, "error_pct": 1.58},
@@ -65,8 +65,7 @@ BITS = {"lenet300": {"conv_bits": 8, "fc_bits": 5}, "lenet5": {"conv_bits": 8, "
 # prune_han's seed-0 checkpoint (165 errors pruned), 5 bits: no fine-tune 171, 4 epochs of
 # cross-entropy at 1e-3 170, the same with KD at T = 4 165. Dense training and pruning are
 # benchmarks/prune_han.py's (its settings and prune_config).
-CLUSTER = {"full": {"lenet300": (4, 1e-3, 4.0), "lenet5": (2, 1e-3, 0.0)},
-           "quick": {"lenet300": (4, 1e-3, 4.0), "lenet5": (2, 1e-3, 0.0)}}
+CLUSTER = {"lenet300": (4, 1e-3, 4.0), "lenet5": (2, 1e-3, 0.0)}  # the same with --quick
 
 
 def _errors(model, x, y) -> int:
@@ -191,10 +190,9 @@ def run_model(name: str, split, args, tmp: Path, seed: int = 0) -> tuple[list[di
     from edgeslim.prune.sparse import encode_sparse
     from edgeslim.runtime import compare_latency, export_onnx, size_bytes
 
-    mode = "quick" if args.quick else "full"
-    schedule = {**settings(args.quick)[name], "cluster_epochs_lr_temperature": CLUSTER[mode][name]}
+    schedule = {**settings(args.quick)[name], "cluster_epochs_lr_temperature": CLUSTER[name]}
     dense, dense_s, pruned, pruned_s = dense_and_pruned(name, split, schedule, args.pruned_dir, seed)
-    out, config, cluster_s = cluster(name, pruned, split, *CLUSTER[mode][name])
+    out, config, cluster_s = cluster(name, pruned, split, *CLUSTER[name])
     data = out.files[out.size_file]
     path = tmp / f"{name}_{seed}.esdc"
     path.write_bytes(data)
@@ -316,9 +314,8 @@ def main() -> None:
         for name in args.models.split(","):
             if name not in KEEP:
                 raise SystemExit(f"--models: unknown model {name!r} (known: {', '.join(KEEP)})")
-            seeds = range(args.seeds if name == "lenet300" and args.pruned_dir is None else 1)
             per_seed = []
-            for seed in seeds:
+            for seed in seeds(name, args.seeds if args.pruned_dir is None else 1):
                 model_rows, verdict = run_model(name, split, args, Path(tmp), seed)
                 rows += model_rows
                 per_seed.append(verdict)
