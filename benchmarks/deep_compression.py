@@ -12,11 +12,10 @@ the indices; the size with those widths is reported too, ``size_bytes_paper_inde
 
 Steps per model (torch on one thread: on the 2 shared cores a second thread made training 15x
 slower): train the dense model (AdamW, weight decay 0.05, one-cycle, batch 128); prune with the
-registered ``prune_magnitude`` technique, Han et al.'s iterative schedule (3 rounds of magnitude
-pruning to a rising share of the per-layer targets, each followed by retraining with the pruned
-weights held at zero) to the kept fractions of ``benchmarks/prune_han.py`` (LeNet-300-100
-7 / 8 / 25 %, LeNet-5 66 / 12 / 5.5 / 15 %; paper 8 / 9 / 26 % and 66 / 12 / 8 / 19 %) with its
-settings (LeNet-300-100: distillation retraining and a final fine-tune; seed 0), unless
+registered ``prune_magnitude`` technique with the recipe of ``benchmarks/prune_han.py`` (its
+settings and config: LeNet-300-100 prunes gradually to 7 / 8 / 25 % kept while distilling from
+the dense model; LeNet-5 Han's iterative schedule to 66 / 12 / 5.5 / 15 % with cross-entropy
+retraining; paper 8 / 9 / 26 % and 66 / 12 / 8 / 19 %), unless
 ``--pruned-dir`` gives its checkpoints; cluster with the registered ``cluster`` technique
 (linear-init k-means, shared-gradient centroid fine-tune, lr 1e-3; LeNet-300-100 distils from
 the pruned model at T = 4, LeNet-5 uses cross-entropy), which
@@ -35,7 +34,7 @@ pruning + retraining, clustering + fine-tuning + encoding). int8_op_fraction: 0.
 ``--pruned-dir DIR`` starts from the pruned checkpoints of ``benchmarks/prune_han.py --save-dir``
 (``DIR/<model>*pruned*.safetensors``, and the dense ``DIR/<model>*dense*.safetensors`` when
 present; without it the dense row is the retrained model's starting point and is left out).
-Without ``--pruned-dir``, LeNet-300-100 runs ``--seeds`` seeds (default 5) and the error target
+Without ``--pruned-dir``, LeNet-300-100 runs ``--seeds`` seeds (default 10) and the error target
 compares mean errors, as in prune_han (one seed's dense-vs-pruned difference is within the seed
 spread); LeNet-5 runs seed 0. ``--quick`` uses the bundled 5k sample (4k train, 1k test) with fewer epochs.
 """
@@ -295,7 +294,7 @@ def main() -> None:
     p.add_argument("--pruned-dir", type=Path, default=None, help="Start from prune_han.py's pruned checkpoints.")
     p.add_argument("--models", default="lenet300,lenet5", help="Comma-separated subset of lenet300,lenet5.")
     p.add_argument("--md", type=Path, default=None, help="Write a markdown section (table and verdict) here.")
-    p.add_argument("--seeds", type=int, default=5,
+    p.add_argument("--seeds", type=int, default=10,
                    help="LeNet-300-100 trains, prunes and clusters seeds 0..N-1 (not with --pruned-dir; LeNet-5: seed 0).")
     args = p.parse_args()
     if args.seeds < 1:
