@@ -50,7 +50,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import finish, parser  # noqa: E402
-from prune_han import BATCH, KEEP, WEIGHT_DECAY, prune_config, seeds, settings  # noqa: E402
+from prune_han import BATCH, KEEP, prune_config, seeds, settings, train_dense  # noqa: E402
 
 PAPER = {
     "lenet300": {"dense_kb": 1070, "compressed_kb": 27, "ratio": 40, "dense_error_pct": 1.64, "error_pct": 1.58},
@@ -82,16 +82,13 @@ def _find(directory: Path, model: str, kind: str) -> Path | None:
 def dense_and_pruned(name: str, split, schedule: dict, pruned_dir: Path | None, seed: int = 0):
     """(dense model or None, seconds, pruned model, seconds): trained here or loaded from ``pruned_dir``.
 
-    Pruning is the registered ``prune_magnitude`` technique, Han et al.'s iterative schedule.
+    Dense training and pruning (the registered ``prune_magnitude`` technique) are prune_han's.
     """
-    import torch
-
     from edgeslim.models import build_model
     from edgeslim.prune import prune_magnitude
-    from edgeslim.task import ModelArtifact, Task
-    from edgeslim.train import load_checkpoint, train
+    from edgeslim.task import ModelArtifact
+    from edgeslim.train import load_checkpoint
 
-    x, y = split.x_train, split.y_train
     if pruned_dir is not None:
         path = _find(pruned_dir, name, "pruned")
         if path is None:
@@ -100,14 +97,8 @@ def dense_and_pruned(name: str, split, schedule: dict, pruned_dir: Path | None, 
         dense = load_checkpoint(build_model(name), dense_path).eval() if dense_path else None
         print(f"{name}: pruned checkpoint {path}" + (f", dense {dense_path}" if dense_path else ""), flush=True)
         return dense, None, load_checkpoint(build_model(name), path).eval(), None
-    torch.manual_seed(seed)
-    t0 = time.perf_counter()
-    dense = train(build_model(name), x, y, epochs=int(schedule["dense_epochs"]), lr=schedule["lr"], batch_size=BATCH,
-                  weight_decay=WEIGHT_DECAY, seed=seed, progress=False)
-    dense_s = time.perf_counter() - t0
+    dense, dense_s, task = train_dense(name, split, schedule, seed)
     print(f"{name}: dense trained in {dense_s:.0f} s, {_errors(dense, split.x_test, split.y_test)} errors", flush=True)
-    task = Task(dense, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
-                evaluation=(split.x_test, split.y_test), train=(x, y))
     config = prune_config(name, schedule, seed)
     t0 = time.perf_counter()
     pruned = prune_magnitude(ModelArtifact(dense), config, task).torch.eval()

@@ -97,6 +97,26 @@ def prune_config(name: str, cfg: dict, seed: int = 0):
                                 final_lr=cfg["final_lr"], seed=seed, progress=False)
 
 
+def train_dense(name: str, split, cfg: dict, seed: int = 0):
+    """The dense starting point and its pruning task: (model, training seconds, Task) — this
+    benchmark's and ``benchmarks/deep_compression.py``'s."""
+    import torch
+
+    from edgeslim.models import build_model
+    from edgeslim.task import Task
+    from edgeslim.train import train
+
+    torch.manual_seed(seed)
+    x, y = split.x_train, split.y_train
+    t0 = time.perf_counter()
+    dense = train(build_model(name), x, y, epochs=int(cfg["dense_epochs"]), lr=cfg["lr"], batch_size=BATCH,
+                  weight_decay=WEIGHT_DECAY, seed=seed, progress=False)
+    seconds = time.perf_counter() - t0
+    task = Task(dense, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
+                evaluation=(split.x_test, split.y_test), train=(x, y))
+    return dense, seconds, task
+
+
 def nonzero_params(model) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
@@ -117,27 +137,17 @@ def sensitivity(name: str, model, task, out_dir: Path) -> None:
 
 
 def run_model(name: str, split, cfg: dict, tmp: Path, args, seed: int = 0) -> list[dict]:
-    """Train dense, prune iteratively, measure both on ORT; returns the two rows."""
+    """Train dense, prune on the model's schedule, measure both on ORT; returns the two rows."""
     import onnx
-    import torch
 
-    from edgeslim.models import build_model
     from edgeslim.pipeline import evaluate_onnx
     from edgeslim.prune import layer_sparsity, save_sparse
     from edgeslim.prune.magnitude_technique import prune_model
     from edgeslim.runtime import compare_latency, count_params, size_bytes
-    from edgeslim.task import Task
-    from edgeslim.train import save_checkpoint, train
+    from edgeslim.train import save_checkpoint
 
-    torch.manual_seed(seed)
-    x, y = split.x_train, split.y_train
-    t0 = time.perf_counter()
-    dense = train(build_model(name), x, y, epochs=int(cfg["dense_epochs"]), lr=cfg["lr"], batch_size=BATCH,
-                  weight_decay=WEIGHT_DECAY, seed=seed, progress=False)
-    dense_s = time.perf_counter() - t0
+    dense, dense_s, task = train_dense(name, split, cfg, seed)
     print(f"{name} seed {seed}: dense trained in {dense_s:.0f} s", flush=True)
-    task = Task(dense, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
-                evaluation=(split.x_test, split.y_test), train=(x, y))
     t0 = time.perf_counter()
     pruned, _ = prune_model(dense, prune_config(name, cfg, seed), task)
     pruned_s = time.perf_counter() - t0
