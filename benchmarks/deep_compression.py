@@ -1,6 +1,6 @@
 """Deep Compression (Han et al. 2016) on MNIST: prune -> weight sharing -> Huffman, LeNet-300-100 and LeNet-5.
 
-    python benchmarks/deep_compression.py [--quick] [--data-dir /work/shared/data/mnist] [--seeds N]
+    python benchmarks/deep_compression.py [--quick] [--data-dir ../shared/data/mnist] [--seeds N]
                                           [--pruned-dir DIR] [--models lenet300,lenet5] [--json OUT] [--md OUT]
 
 Paper ("Deep Compression", Table 1 and Tables 2-3): LeNet-300-100 1070 KB -> 27 KB (40x), top-1

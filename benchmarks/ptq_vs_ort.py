@@ -6,7 +6,7 @@ Model: the bundled `vgg_small` CNN trained on MNIST (full MNIST from IDX files i
 bundled 5k sample without it). Both quantizers get the same 512 calibration images; ORT runs
 `quant_pre_process` then `quantize_static` (QDQ, per-channel, MinMax, S8S8: its defaults for QDQ).
 All models are timed side by side, interleaved, at 1 intra-op thread, batch 1.
-Targets (issue 2): edgeslim latency p50 <= 1.05x ORT's; accuracy >= ORT's.
+Targets: edgeslim latency p50 <= 1.05x ORT's; accuracy >= ORT's.
 """
 
 from __future__ import annotations

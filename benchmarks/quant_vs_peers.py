@@ -7,7 +7,7 @@ CNN: the bundled `vgg_small` trained on MNIST (full MNIST IDX files from --data-
 similarity of sentence embeddings to the fp32 model's on bundled sentences, seq 128, batch 1.
 Every method gets the same calibration inputs; latency is measured at 1 intra-op thread, all
 methods of a model interleaved in one comparison. `seconds` is the time the method took
-(calibration + lowering). Targets (issue 3) are checked at the end and printed with their numbers.
+(calibration + lowering). Targets are checked at the end and printed with their numbers.
 
 MiniLM's fp32 graph is edgeslim's export, whose Softmax inputs are bounded (edgeslim.runtime.softmax:
 bit-identical embeddings, no denormal exps under the padding mask); every method starts from it,

@@ -40,7 +40,7 @@ def digits_run(tmp_path_factory):
 def test_run_folder_is_complete(digits_run):
     code, out = digits_run
     assert code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["00_fp32", "01_ptq_int8", "metrics.json", "pareto.png",
+    assert sorted(p.name for p in out.iterdir()) == [".edgeslim-run.json", "00_fp32", "01_ptq_int8", "metrics.json", "pareto.png",
                                                      "recipe.yaml", "report.md"]
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.parent.glob(".out.*"))  # no staging leftovers

@@ -30,19 +30,26 @@ def _print_result(result) -> None:
         console.print(f"run folder: {result.out_dir}  (metrics.json, report.md, pareto.png, */model.onnx)")
 
 
+_CPUS = os.cpu_count() or 1
+_FORCE_HELP = ("Also write into a folder that holds files edgeslim did not write (they are kept; "
+               "only an earlier run's files are replaced).")
+
+
 @app.command()
 def demo(out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder to write."),
+         force: bool = typer.Option(False, "--force", help=_FORCE_HELP),
          quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Train (or load the cached) small CNN on the bundled MNIST sample, then fp32 -> int8 PTQ."""
     from edgeslim.recipe import DEMO_RECIPE, parse_recipe, run_recipe
 
     recipe = parse_recipe({**DEMO_RECIPE, "output": str(out)})
-    _print_result(run_recipe(recipe, progress=not quiet))
+    _print_result(run_recipe(recipe, progress=not quiet, overwrite=force))
 
 
 @app.command()
 def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE.yaml", help="Recipe file."),
         out: Optional[Path] = typer.Option(None, "--out", help="Override the recipe's output folder."),
+        force: bool = typer.Option(False, "--force", help=_FORCE_HELP),
         quiet: bool = typer.Option(False, "--quiet", help="No progress bars.")) -> None:
     """Run a YAML recipe: baseline, then each step, measured after each."""
     import dataclasses
@@ -52,30 +59,32 @@ def run(recipe_path: Path = typer.Argument(..., metavar="RECIPE.yaml", help="Rec
     recipe = load_recipe(recipe_path)
     if out is not None:
         recipe = dataclasses.replace(recipe, output=str(out))
-    _print_result(run_recipe(recipe, progress=not quiet))
+    _print_result(run_recipe(recipe, progress=not quiet, overwrite=force))
+
+
+_SHAPE_HELP = "Size of an input's dynamic axes, e.g. --shape input=1x3x224x224 (repeat per input)."
 
 
 @app.command()
 def bench(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
-          threads: int = typer.Option(1, "--threads", min=1, help="Intra-op threads."),
-          batch_size: int = typer.Option(1, "--batch-size", min=1),
-          runs: int = typer.Option(300, "--runs", min=1),
-          warmup: int = typer.Option(30, "--warmup", min=0),
+          threads: int = typer.Option(1, "--threads", min=1, max=_CPUS, help="Intra-op threads (at most the cores)."),
+          batch_size: int = typer.Option(1, "--batch-size", min=1, max=65_536),
+          runs: int = typer.Option(300, "--runs", min=1, max=100_000),
+          warmup: int = typer.Option(30, "--warmup", min=0, max=10_000),
+          shape: list[str] = typer.Option([], "--shape", help=_SHAPE_HELP),
           flush_denormals: bool = typer.Option(False, "--flush-denormals",
                                                help="Time with denormal floats flushed to zero (x86 FTZ/DAZ).")) -> None:
     """Latency percentiles and peak memory of an ONNX model on ONNX Runtime."""
-    import numpy as np
     from rich.console import Console
     from rich.table import Table
 
-    from edgeslim.runtime import benchmark_latency, make_session, peak_memory_bytes, size_bytes
+    from edgeslim.runtime import (benchmark_latency, dummy_feed, input_shapes, make_session, parse_shapes,
+                                  peak_memory_bytes, size_bytes)
 
+    shapes = parse_shapes(shape)  # before loading the model: a typo fails at once
     session = make_session(model, threads=threads)
-    feeds = {}
-    for inp in session.get_inputs():
-        shape = [batch_size if i == 0 else (d if isinstance(d, int) else 1) for i, d in enumerate(inp.shape)]
-        dtype = np.float32 if "float" in inp.type else np.int64
-        feeds[inp.name] = np.random.default_rng(0).random(shape).astype(dtype)
+    feeds = dummy_feed(session, input_shapes(session, shapes, batch_size))
+    _check_feed_fits(feeds)
     stats = benchmark_latency(model, feeds, threads=threads, warmup=warmup, runs=runs, flush_denormals=flush_denormals)
     memory = peak_memory_bytes(model, {k: list(v.shape) for k, v in feeds.items()}, threads=threads)
     ftz = ", denormals flushed" if flush_denormals else ""
@@ -87,16 +96,44 @@ def bench(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
     Console().print(table)
 
 
+def _check_feed_fits(feeds) -> None:
+    """Refuse inputs that alone would take a quarter of this machine's memory."""
+    from edgeslim.errors import RuntimeToolError
+
+    total = sum(a.nbytes for a in feeds.values())
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if total > memory // 4:
+        raise RuntimeToolError(f"the inputs would take {total / 2**30:.1f} GiB, over a quarter of this machine's "
+                               "memory; lower --batch-size or --shape")
+
+
 @app.command()
 def inspect(model: Path = typer.Argument(..., metavar="MODEL.onnx"),
-            threads: int = typer.Option(1, "--threads", min=1)) -> None:
+            threads: int = typer.Option(1, "--threads", min=1, max=_CPUS),
+            shape: list[str] = typer.Option([], "--shape", help=_SHAPE_HELP + " Optimizes for those sizes.")) -> None:
     """Op histogram of the ORT-optimized graph and the share of compute ops on integer kernels."""
     from rich.console import Console
     from rich.table import Table
 
-    from edgeslim.runtime import inspect_optimized
+    from edgeslim.runtime import input_shapes, inspect_optimized, make_session, parse_shapes, with_static_shapes
 
-    report = inspect_optimized(model, threads=threads)
+    shapes = parse_shapes(shape)
+    target = model
+    if shapes:
+        import onnx
+
+        from edgeslim.errors import RuntimeToolError
+
+        session = make_session(model, optimization="disable")
+        full = input_shapes(session, shapes)  # checks names, ranks and fixed axes
+        try:
+            target = with_static_shapes(onnx.load(str(model)), full)
+        except Exception as err:
+            raise RuntimeToolError(f"cannot read {model}: {err}") from None
+    report = inspect_optimized(target, threads=threads)
     table = Table(title=f"{model.name}: ORT-optimized graph")
     table.add_column("op type")
     table.add_column("count", justify="right")
@@ -131,25 +168,63 @@ def list_() -> None:
     console.print("data sets: " + ", ".join(DATASETS + TEXT_DATASETS))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the CLI, turning input errors into one line on stderr and exit code 2."""
-    from edgeslim.errors import EdgeslimError, first_line
+def _on_signal(signum, frame) -> None:
+    from edgeslim.errors import Interrupted
 
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI, turning input errors into one line on stderr and exit code 2.
+
+    SIGINT and SIGTERM stop a run cleanly: its staging folder is removed, the output folder is
+    left as it was, and the exit code is 130 / 143 (128 + the signal number).
+    """
+    import signal
+
+    from edgeslim.errors import EdgeslimError, Interrupted, first_line
+
+    previous = {}
     try:
-        # standalone mode: typer/click print usage errors themselves and raise SystemExit(2).
-        app(args=argv, prog_name="edgeslim")
+        # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that
+        previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signal handling to the host program
+        pass
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = app(args=args or ["--help"], prog_name="edgeslim", standalone_mode=False)
+        if isinstance(code, int) and code:
+            return code
+    except typer.Exit as exit_:
+        return exit_.exit_code
+    except Interrupted as err:
+        print(f"edgeslim: interrupted ({signal.Signals(err.signum).name}); the output folder was left as it was",
+              file=sys.stderr)
+        return 128 + err.signum
     except SystemExit as exit_:
         return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     except EdgeslimError as err:
-        print(f"edgeslim: error: {err}", file=sys.stderr)
+        print(f"edgeslim: error: {first_line(err)}", file=sys.stderr)
         return 2
     except Exception as err:
+        if hasattr(err, "format_message") and isinstance(getattr(err, "exit_code", None), int):
+            # a usage error of the command line parser (typer's click): one line, exit 2
+            param = getattr(err, "param", None)
+            name = "/".join(getattr(param, "opts", None) or []) or getattr(param, "name", None)
+            msg = " ".join(err.format_message().split())
+            if name and "'" not in msg:  # the parser's message names the option in quotes
+                msg = f"{name}: {msg}"
+            print(f"edgeslim: error: {msg}", file=sys.stderr)
+            return 2
         if os.environ.get("EDGESLIM_DEBUG"):
             raise
         first = first_line(err)
         print(f"edgeslim: internal error: {type(err).__name__}: {first} (set EDGESLIM_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return 0
 
 

@@ -7,6 +7,7 @@ dataclass's fields. Unknown fields and wrong types are rejected up front, naming
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
@@ -14,17 +15,78 @@ from typing import Any, ClassVar, Literal, Union
 from edgeslim.errors import ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class TechniqueConfig:
-    """Base for technique configs: frozen value objects validated on construction."""
+# Ranges every config field of that name must lie in, whichever config declares it: one rule for
+# recipes and the Python API, checked on construction, before any work. A config's ``validate``
+# adds what is specific to it. Upper bounds keep a typo (10**12 runs) from hanging a run for days
+# or exhausting memory after the compression work is done.
+INT_RANGES: dict[str, tuple[int, int]] = {
+    "epochs": (0, 10_000), "final_epochs": (0, 10_000), "kd_epochs": (0, 10_000),
+    "batch_size": (1, 65_536), "seed": (0, 2**32 - 1), "augment_shift": (0, 64),
+    "calibration_samples": (1, 10_000_000), "eval_samples": (1, 10_000_000), "seq_len": (1, 1_000_000),
+    "rounds": (1, 1_000), "updates": (1, 100_000), "taylor_batches": (1, 100_000),
+    "adaround_iterations": (1, 1_000_000), "round_to": (1, 4_096), "rank": (1, 1_000_000),
+    "min_rank": (1, 1_000_000), "runs": (1, 100_000), "warmup": (0, 10_000), "threads": (1, 1_024),
+}
+INT_LIMIT = 2**31 - 1  # any other integer field
+FLOAT_RANGES: dict[str, tuple[float, float]] = {  # closed ranges; learning rates must also be > 0
+    "lr": (0.0, 10.0), "kd_lr": (0.0, 10.0), "final_lr": (0.0, 10.0), "weight_decay": (0.0, 10.0),
+    "temperature": (0.0, 1_000.0), "alpha": (0.0, 1.0),
+}
+_POSITIVE = ("lr", "kd_lr", "final_lr")
 
-    technique: ClassVar[str] = ""
+
+class Checked:
+    """Mixin for config dataclasses: every field is type-checked (and normalised: a list becomes
+    a tuple, an int a float where the field is a float) and range-checked on construction, then
+    ``validate`` runs. A recipe and a Python call therefore get the same errors, naming the field."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.validate()
 
     def validate(self) -> None:
         """Raise ConfigError naming the field when a value is out of range."""
+
+
+def check_fields(obj: Any) -> None:
+    """Check every init field of dataclass ``obj`` against its type hint and range."""
+    import math
+
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = coerce(getattr(obj, f.name), hints[f.name], f.name)
+        object.__setattr__(obj, f.name, value)  # frozen dataclasses too: this is construction
+        for v in _numbers(value):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name}: must be a finite number, got {v}")
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            low, high = INT_RANGES.get(f.name, (-INT_LIMIT, INT_LIMIT))
+            if not low <= value <= high:
+                raise ConfigError(f"{f.name}: must be in [{low}, {high:,}], got {value:,}")
+        elif isinstance(value, float) and f.name in FLOAT_RANGES:
+            low, high = FLOAT_RANGES[f.name]
+            if not low <= value <= high or (f.name in _POSITIVE and value == 0):
+                bound = f"> 0 and <= {high:g}" if f.name in _POSITIVE else f"in [{low:g}, {high:g}]"
+                raise ConfigError(f"{f.name}: must be {bound}, got {value}")
+
+
+def _numbers(value: Any) -> list[Any]:
+    if isinstance(value, (list, tuple)):
+        return [n for v in value for n in _numbers(v)]
+    if isinstance(value, dict):
+        return [n for v in value.values() for n in _numbers(v)]
+    return [value] if isinstance(value, float) else []
+
+
+@dataclasses.dataclass(frozen=True)
+class TechniqueConfig(Checked):
+    """Base for technique configs: frozen value objects validated on construction."""
+
+    technique: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe form of this config: ``{"technique": name, **fields}``."""
@@ -53,7 +115,10 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
         return cls(**values)
     except ConfigError as err:
         msg = str(err)
-        raise ConfigError(msg if msg.startswith((f"{where}.", f"{where}:")) else f"{where}.{msg}") from None
+        if msg.startswith((f"{where}.", f"{where}:")):
+            raise
+        names_field = re.match(r"[\w\[\]]+(\.[\w\[\]]+)*: ", msg)  # "lr: must be > 0" -> "steps[0].lr: ..."
+        raise ConfigError(f"{where}.{msg}" if names_field else f"{where}: {msg}") from None
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where}: {err}") from None
 
@@ -109,7 +174,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, where)
+        return value if isinstance(value, hint) else build_dataclass(hint, value, where)
     return value
 
 

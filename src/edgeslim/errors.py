@@ -6,10 +6,14 @@ reading a traceback. Never ``assert`` on user input: asserts vanish under ``pyth
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # terminal colour / cursor codes in library messages
+
 
 def first_line(exc: BaseException | str) -> str:
     """The first non-empty line of an exception message (ORT and torch errors are long)."""
-    text = str(exc)
+    text = _ANSI.sub("", str(exc))
     for line in text.splitlines():
         line = line.strip()
         if line:
@@ -43,3 +47,32 @@ class ExportError(EdgeslimError):
 
 class RuntimeToolError(EdgeslimError):
     """An ONNX file cannot be loaded or run by ONNX Runtime."""
+
+
+class OutputError(EdgeslimError):
+    """The output location cannot be used: it holds files edgeslim did not write, is a file, is
+    not writable, or another run is writing it. The message names the user's path."""
+
+
+class NumericalError(EdgeslimError):
+    """A NaN or Inf appeared in weights, a loss, calibration statistics or outputs; the message
+    names the layer or step where it was found."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the command line: raised from the signal handler so that every
+    ``finally`` and context manager cleans up (a BaseException: ``except Exception`` lets it by)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+
+
+def reraise_interrupt(exc: BaseException) -> None:
+    """Re-raise an interrupt that a library wrapped into its own exception (the ONNX exporter
+    turns anything raised while it traces into an export error)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, (Interrupted, KeyboardInterrupt)):
+            raise exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1

@@ -21,15 +21,15 @@ import torch
 from rich.console import Console
 
 from edgeslim import io, registry
-from edgeslim.config import TechniqueConfig
+from edgeslim.config import Checked, TechniqueConfig
 from edgeslim.errors import ConfigError
-from edgeslim.task import ModelArtifact, Task
+from edgeslim.task import ModelArtifact, Task, check_finite
 
 console = Console(stderr=True)
 
 
 @dataclass(frozen=True)
-class RuntimeConfig:
+class RuntimeConfig(Checked):
     """How stages are measured on ONNX Runtime (1 intra-op thread: the edge case)."""
 
     threads: int = 1
@@ -40,12 +40,10 @@ class RuntimeConfig:
     measure_memory: bool = True
     flush_denormals: bool = False  # time with denormals flushed to zero (see edgeslim.runtime.bench)
 
-    def __post_init__(self) -> None:
-        for name in ("threads", "batch_size", "runs", "rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"runtime.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.warmup < 0:
-            raise ConfigError(f"runtime.warmup: must be >= 0, got {self.warmup}")
+    def validate(self) -> None:
+        cpus = os.cpu_count() or 1
+        if not 1 <= self.threads <= cpus:
+            raise ConfigError(f"threads: must be in [1, {cpus}] (this machine's cores), got {self.threads}")
 
 
 @dataclass
@@ -68,10 +66,18 @@ class RunResult:
     runtime: dict[str, Any]
     machine: dict[str, Any]
     out_dir: Path | None
+    seed: int | None = None
+
+    def moved_to(self, target: Path) -> None:
+        """Point the stages' paths into ``target``, where the run folder now is."""
+        for s in self.stages:
+            s.onnx_path = target / s.onnx_path.relative_to(self.out_dir)
+        self.out_dir = target
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` contract (see DESIGN.md)."""
         return {
+            "seed": self.seed,
             "stages": [{"name": s.name, "technique": s.technique, "parent": s.parent, **s.metrics,
                         "config": s.config, "onnx": s.onnx_path.name if s.onnx_path else None} for s in self.stages],
             "baseline": self.baseline,
@@ -96,16 +102,24 @@ def machine_info() -> dict[str, Any]:
             "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
-def evaluate_onnx(model: onnx.ModelProto | Path, task: Task) -> float:
-    """The task metric of the deployable graph, computed from ONNX Runtime outputs."""
+def evaluate_onnx(model: onnx.ModelProto | Path, task: Task, where: str = "model") -> float:
+    """The task metric of the deployable graph, computed from ONNX Runtime outputs; NumericalError
+    naming ``where`` if an output holds NaN/Inf (a metric of such outputs means nothing)."""
+    from edgeslim.errors import NumericalError
     from edgeslim.runtime import make_session, run
 
     session = make_session(model, threads=os.cpu_count() or 1)
     outs, targets = [], []
-    for x, y in task.evaluation_batches():
-        outs.append(run(session, x)[0])
+    for i, (x, y) in enumerate(task.evaluation_batches()):
+        out = run(session, x)[0]
+        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
+            raise NumericalError(f"{where}: ONNX Runtime output holds NaN/Inf on evaluation batch {i + 1}")
+        outs.append(out)
         targets.append(y)
-    return float(task.metric(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(targets))))
+    value = float(task.metric(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(targets))))
+    if not np.isfinite(value):
+        raise NumericalError(f"{where}: the metric {task.metric_name} is {value}")
+    return value
 
 
 def compress(
@@ -113,36 +127,78 @@ def compress(
     steps: Sequence[TechniqueConfig],
     *,
     runtime: RuntimeConfig = RuntimeConfig(),
-    out_dir: str | Path | None = None,
+    out_dir: str | Path | io.RunFolder | None = None,
     baseline_name: str = "fp32",
     recipe: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
 ) -> RunResult:
     """Measure the baseline, apply each step in order, measure after each, and write ``out_dir``.
 
-    ``out_dir`` appears complete or not at all: it is built under a temporary name and moved into
-    place at the end. ``recipe`` (the config used) is saved beside the results.
+    Everything is checked before any work: the steps, the runtime settings, and ``out_dir``, which
+    must be new, empty or an earlier run folder (``overwrite=True`` adds the run to a folder that
+    holds other files, which are kept; see :class:`edgeslim.io.RunFolder`). ``out_dir`` appears
+    complete or not at all. ``seed`` seeds every global generator before the first step and is
+    recorded in ``metrics.json``; ``recipe`` (the config used) is saved beside the results.
     """
-    techniques = [registry.for_config(step) for step in steps]  # fail before any work
-    target = Path(out_dir) if out_dir is not None else Path(".edgeslim-run")
-    with io.StagingDir(target) as stage_dir:
-        result = _run(task, steps, techniques, runtime, stage_dir, baseline_name)
-        io.write_json(stage_dir / "metrics.json", result.to_json())
-        from edgeslim.report import write_report
-
-        write_report(result, stage_dir)
-        used = recipe if recipe is not None else {"steps": [s.to_dict() for s in steps], "runtime": vars(runtime)}
-        import yaml
-
-        io.write_text(stage_dir / "recipe.yaml", yaml.safe_dump(used, sort_keys=False))
+    if not isinstance(task, Task):
+        raise ConfigError(f"task: expected an edgeslim.Task, got {type(task).__name__}")
+    if isinstance(steps, TechniqueConfig) or not isinstance(steps, Sequence):
+        raise ConfigError("steps: expected a list of technique configs, e.g. [PTQInt8Config()]")
+    for i, step in enumerate(steps):
+        if not isinstance(step, TechniqueConfig):
+            raise ConfigError(f"steps[{i}]: expected a technique config (e.g. PTQInt8Config()), got {step!r:.60}")
+    if not isinstance(runtime, RuntimeConfig):
+        raise ConfigError(f"runtime: expected a RuntimeConfig, got {type(runtime).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+    techniques = [registry.for_config(step) for step in steps]
+    _check_batch_fits(task, runtime)
+    args = (task, steps, techniques, runtime, baseline_name, recipe, seed)
+    if isinstance(out_dir, io.RunFolder):  # opened by the caller (a recipe: before the model was trained)
+        return _write_run(out_dir.staging, *args)
     if out_dir is None:
-        import shutil
+        import tempfile
 
-        shutil.rmtree(target, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix="edgeslim-") as tmp:
+            result = _write_run(Path(tmp), *args)
         result.out_dir = None
-    else:
-        result.out_dir = target
-        for s in result.stages:
-            s.onnx_path = target / s.onnx_path.relative_to(stage_dir)
+        return result
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise ConfigError(f"out_dir: expected a folder path, got {type(out_dir).__name__}")
+    with io.RunFolder(out_dir, overwrite=overwrite) as folder:
+        result = _write_run(folder.staging, *args)
+    result.moved_to(folder.target)
+    return result
+
+
+def _check_batch_fits(task: Task, runtime: RuntimeConfig) -> None:
+    """Refuse, before any work, a latency batch whose inputs alone would take a quarter of memory."""
+    per_sample = sum(t[:1].numel() * 4 for t in task.example_inputs)  # float32 (int64 ids: close enough)
+    try:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if per_sample * runtime.batch_size > memory // 4:
+        most = max(1, memory // 4 // max(per_sample, 1))
+        raise ConfigError(f"runtime.batch_size: {runtime.batch_size:,} samples of {per_sample:,} B do not fit in "
+                          f"a quarter of this machine's memory; at most {most:,}")
+
+
+def _write_run(stage_dir: Path, task, steps, techniques, runtime, baseline_name, recipe, seed) -> RunResult:
+    from edgeslim.train import seed_everything
+
+    seed_everything(seed)
+    result = _run(task, steps, techniques, runtime, stage_dir, baseline_name)
+    result.seed = seed
+    io.write_json(stage_dir / "metrics.json", result.to_json())
+    from edgeslim.report import write_report
+
+    write_report(result, stage_dir)
+    used = recipe if recipe is not None else {"seed": seed, "steps": [s.to_dict() for s in steps], "runtime": vars(runtime)}
+    import yaml
+
+    io.write_text(stage_dir / "recipe.yaml", yaml.safe_dump(used, sort_keys=False))
     return result
 
 
@@ -157,6 +213,8 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         if tech is not None:
             artifact = tech.fn(artifact, step, task)
             artifact.files = dict(artifact.files)
+            if artifact.onnx is None:
+                check_finite(artifact.torch, f"after step {name}")
         graph = artifact.onnx if artifact.onnx is not None else task.export(artifact.torch)
         seconds = time.perf_counter() - t0
         path = stage_dir / label / "model.onnx"
@@ -165,7 +223,7 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
             io.write_bytes(path.parent / fname, content.encode() if isinstance(content, str) else content)
         stage = Stage(label, name if tech else None, step.to_dict() if step else None,
                       stages[-1].name if stages else None, path)
-        stage.metrics = _static_measures(path, graph, task)
+        stage.metrics = _static_measures(path, graph, task, label)
         stage.metrics["onnx_size_bytes"] = stage.metrics["size_bytes"]
         if artifact.size_file is not None:
             if artifact.size_file not in artifact.files:
@@ -182,10 +240,10 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
     return RunResult(stages, stages[0].name, task.metric_name, rt, machine_info(), stage_dir)
 
 
-def _static_measures(path: Path, graph: onnx.ModelProto, task: Task) -> dict[str, Any]:
+def _static_measures(path: Path, graph: onnx.ModelProto, task: Task, stage: str) -> dict[str, Any]:
     from edgeslim.runtime import count_params, inspect_optimized, size_bytes
 
-    value = evaluate_onnx(path, task)
+    value = evaluate_onnx(path, task, stage)
     report = inspect_optimized(path)
     return {
         "metric_name": task.metric_name,

@@ -13,6 +13,7 @@ output: runs/demo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -25,10 +26,10 @@ import torch
 import yaml
 
 from edgeslim import registry
-from edgeslim.config import TechniqueConfig, build_dataclass
-from edgeslim.errors import CheckpointError, ConfigError, ModelError
+from edgeslim.config import Checked, TechniqueConfig, build_dataclass
+from edgeslim.errors import CheckpointError, ConfigError, ModelError, NumericalError
 from edgeslim.pipeline import RuntimeConfig
-from edgeslim.task import METRICS, Task, check_forward
+from edgeslim.task import METRICS, Task, check_finite, check_forward
 
 
 TEXT_MODELS = ("minilm",)  # pretrained, shipped by a package; their data set is "sentences"
@@ -42,7 +43,7 @@ def known_models() -> list[str]:
 
 
 @dataclass(frozen=True)
-class TrainSpec:
+class TrainSpec(Checked):
     """Training used when a model has no checkpoint (the result is cached by content hash)."""
 
     epochs: int = 3
@@ -51,7 +52,7 @@ class TrainSpec:
     weight_decay: float = 0.0
     seed: int = 0
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs: must be >= 1, got {self.epochs}")
         if self.lr <= 0:
@@ -59,7 +60,7 @@ class TrainSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelSpec(Checked):
     """A bundled model ``name``, or a ``factory`` ("module:function") called with ``kwargs``."""
 
     name: str | None = None
@@ -68,7 +69,7 @@ class ModelSpec:
     checkpoint: str | None = None
     train: TrainSpec | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if (self.name is None) == (self.factory is None):
             raise ConfigError("give exactly one of name (a bundled model) or factory ('module:function')")
         if self.name is not None and self.name not in known_models():
@@ -80,7 +81,7 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class DataSpec(Checked):
     """A data set by name (bundled, or loaded from ``dir``); calibration comes from its train split."""
 
     dataset: str = "mnist_sample"
@@ -90,7 +91,7 @@ class DataSpec:
     eval_samples: int | None = None
     seq_len: int = 128  # text data sets: tokens per sentence (padded / truncated)
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         from edgeslim.data import DATASETS
 
         if self.dataset not in DATASETS + TEXT_DATASETS:
@@ -106,20 +107,24 @@ class DataSpec:
 
 @dataclass(frozen=True)
 class Recipe:
+    """A whole run; ``seed`` seeds every global generator before the model is built, so that a
+    fresh process with a fresh cache produces the same bytes."""
+
     model: ModelSpec
     data: DataSpec = DataSpec()
     metric: str = "accuracy"  # "cosine" for embedding models
     steps: tuple[TechniqueConfig, ...] = ()
     runtime: RuntimeConfig = RuntimeConfig()
     output: str = "runs/run"
+    seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as YAML-ready data (what a run folder saves as ``recipe.yaml``)."""
         return {"model": asdict(self.model), "data": asdict(self.data), "metric": self.metric,
-                "steps": [s.to_dict() for s in self.steps], "runtime": asdict(self.runtime), "output": self.output}
+                "steps": [s.to_dict() for s in self.steps], "runtime": asdict(self.runtime), "output": self.output, "seed": self.seed}
 
 
-RECIPE_FIELDS = ("model", "data", "metric", "steps", "runtime", "output")
+RECIPE_FIELDS = ("model", "data", "metric", "steps", "runtime", "output", "seed")
 
 
 def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
@@ -155,7 +160,10 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
     output = data.get("output", "runs/run")
     if not isinstance(output, str):
         raise ConfigError(f"output: expected a folder path, got {output!r}")
-    return Recipe(model, spec, metric, steps, runtime, str(_resolve(base, output)))
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+    return Recipe(model, spec, metric, steps, runtime, str(_resolve(base, output)), seed)
 
 
 def parse_step(data: Any, where: str) -> TechniqueConfig:
@@ -177,10 +185,35 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read recipe: {err}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     return parse_recipe(data, path.parent)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader that refuses a key given twice in one mapping (plain YAML keeps the last
+    silently, so a typo'd second ``epochs:`` would win unnoticed)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            try:
+                seen.add(key)
+            except TypeError:
+                pass  # unhashable keys are refused by the base loader
+        return super().construct_mapping(node, deep)
 
 
 def _resolve(base: Path, p: str) -> Path:
@@ -198,18 +231,22 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
     from edgeslim.data import load_dataset
 
     spec = recipe.data
+    from edgeslim.train import seed_everything
+
     if recipe.model.name in TEXT_MODELS:
         from edgeslim.models.minilm import build_minilm_task
 
         return build_minilm_task(seq_len=spec.seq_len, calibration_samples=spec.calibration_samples,
                                  eval_samples=spec.eval_samples or 256, seed=spec.seed)
     split = load_dataset(spec.dataset, spec.dir, seed=spec.seed)
+    seed_everything(recipe.seed)  # before the model is built: its initial weights come from it
     model = _build_model(recipe.model, split)
     check_forward(model, (torch.from_numpy(split.x_test[:1]),))  # fail before any training
     if recipe.model.checkpoint is not None:
         from edgeslim.train import load_checkpoint
 
         load_checkpoint(model, recipe.model.checkpoint)
+        check_finite(model, f"model.checkpoint {recipe.model.checkpoint}")
     else:
         model = _trained(model, recipe.model, spec, split, progress)
     n_eval = len(split.x_test) if spec.eval_samples is None else min(spec.eval_samples, len(split.x_test))
@@ -257,11 +294,18 @@ def _trained(model, spec: ModelSpec, data: DataSpec, split, progress: bool):
     path = cache_dir() / "checkpoints" / f"{spec.name or spec.factory.replace(':', '.')}-{digest}.safetensors"
     if path.is_file():
         try:
-            return load_checkpoint(model, path).eval()
-        except CheckpointError:
-            pass  # a stale cache entry: train again and overwrite it
+            cached = load_checkpoint(copy.deepcopy(model), path).eval()
+            check_finite(cached, f"cached checkpoint {path}")
+            return cached
+        except (CheckpointError, NumericalError):
+            pass  # a stale or broken cache entry: train again and overwrite it
+    from edgeslim.runtime import export_onnx
+
+    example = (torch.from_numpy(split.x_test[:1]),)
+    export_onnx(model.eval(), example)  # an unexportable model fails now, not after the training
     model = train(model, split.x_train, split.y_train, epochs=ts.epochs, lr=ts.lr, batch_size=ts.batch_size,
                   weight_decay=ts.weight_decay, seed=ts.seed, progress=progress)
+    check_finite(model, "trained model")  # a diverged model is never cached
     save_checkpoint(model, path)
     return model.eval()
 
@@ -276,9 +320,18 @@ DEMO_RECIPE: dict[str, Any] = {
 }
 
 
-def run_recipe(recipe: Recipe, progress: bool = True):
-    """Build the task and run the pipeline; returns the RunResult."""
+def run_recipe(recipe: Recipe, progress: bool = True, overwrite: bool = False):
+    """Claim the output folder, build the task and run the pipeline; returns the RunResult.
+
+    The output folder is checked and locked before the model is built or trained, so a refused
+    ``output`` costs nothing (see :class:`edgeslim.io.RunFolder`).
+    """
+    from edgeslim import io
     from edgeslim.pipeline import compress
 
-    task = build_task(recipe, progress)
-    return compress(task, recipe.steps, runtime=recipe.runtime, out_dir=recipe.output, recipe=recipe.to_dict())
+    with io.RunFolder(recipe.output, overwrite=overwrite) as folder:
+        task = build_task(recipe, progress)
+        result = compress(task, recipe.steps, runtime=recipe.runtime, out_dir=folder, recipe=recipe.to_dict(),
+                          seed=recipe.seed)
+    result.moved_to(folder.target)
+    return result

@@ -122,13 +122,31 @@ class Task:
     dynamic_dims: tuple[dict[int, str], ...] | None = None  # extra dynamic axes per input, e.g. ({1: "seq"},)
 
     def __post_init__(self) -> None:
-        if isinstance(self.example_inputs, torch.Tensor):
+        # The same checks whether the Task comes from a recipe or from Python: all before any work.
+        if not isinstance(self.model, nn.Module):
+            raise ModelError(f"model: expected a torch.nn.Module, got {type(self.model).__name__}")
+        if isinstance(self.example_inputs, (torch.Tensor, np.ndarray)):
             self.example_inputs = (self.example_inputs,)
-        self.example_inputs = tuple(torch.as_tensor(x) for x in self.example_inputs)
+        if not isinstance(self.example_inputs, (tuple, list)) or not self.example_inputs:
+            raise DataError(f"example_inputs: expected a tensor or a tuple of tensors, got {self.example_inputs!r:.60}")
+        try:
+            self.example_inputs = tuple(torch.as_tensor(x) for x in self.example_inputs)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise DataError(f"example_inputs: not tensors: {first_line(err)}") from None
+        if not callable(self.metric):
+            raise ConfigError(f"metric: expected a function (outputs, targets) -> float, got {type(self.metric).__name__}")
+        if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
+                or not 1 <= self.eval_batch_size <= 65_536:
+            raise ConfigError(f"eval_batch_size: must be an integer in [1, 65536], got {self.eval_batch_size!r}")
+        for name in ("calibration", "evaluation", "train"):
+            data = getattr(self, name)
+            if data is not None or name != "train":
+                _check_data(data, name)
         if count_samples(self.calibration) == 0:
             raise DataError("calibration set is empty: give at least one sample to calibrate on")
         if count_samples(self.evaluation) == 0:
             raise DataError("evaluation set is empty")
+        check_finite(self.model, "model")
         check_forward(self.model, self.example_inputs)
 
     def export(self, model: nn.Module) -> onnx.ModelProto:
@@ -142,6 +160,41 @@ class Task:
 
     def evaluation_batches(self):
         return iter_batches(self.evaluation, self.eval_batch_size)
+
+
+def _check_data(data: Any, name: str) -> None:
+    """A DataLoader, or an ``(X, y)`` pair of equal length with finite inputs (``y`` may be None)."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise DataError(f"{name}: expected a DataLoader or an (X, y) pair, got {type(data).__name__}")
+    try:
+        xs = _inputs(data[0])
+        ys = None if data[1] is None else _to_numpy(data[1])
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise DataError(f"{name}: X and y must be arrays or tensors: {first_line(err)}") from None
+    parts = xs if isinstance(xs, tuple) else (xs,)
+    for i, part in enumerate(parts):
+        what = f"{name} X" + (f"[{i}]" if isinstance(xs, tuple) else "")
+        if part.ndim == 0 or part.dtype == object:
+            raise DataError(f"{what}: expected a numeric array with a sample axis, got dtype {part.dtype}, "
+                            f"shape {part.shape}")
+        if len(part) != len(parts[0]):
+            raise DataError(f"{what}: has {len(part)} samples, the first input {len(parts[0])}")
+        if np.issubdtype(part.dtype, np.floating) and not np.isfinite(part).all():
+            raise DataError(f"{what}: holds NaN/Inf values")
+    if ys is not None and (ys.ndim == 0 or len(ys) != len(parts[0])):
+        raise DataError(f"{name}: X has {len(parts[0])} samples but y has {ys.size if ys.ndim == 0 else len(ys)}")
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """NumericalError naming the first parameter or buffer of ``model`` holding NaN/Inf."""
+    from edgeslim.errors import NumericalError
+
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NumericalError(f"{where}: weight {name!r} holds NaN/Inf "
+                                 f"({int((~torch.isfinite(t)).sum())} of {t.numel()} values)")
 
 
 def check_forward(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> None:

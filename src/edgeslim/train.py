@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader
 
-from edgeslim.errors import CheckpointError, DataError
+from edgeslim.errors import CheckpointError, DataError, NumericalError
 from edgeslim.io import write_bytes
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -84,6 +84,24 @@ def _random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch
 
 
 # ------------------------------------------------------------------------------------- training
+def check_loss(loss: torch.Tensor, where: str) -> None:
+    """NumericalError when a training loss is NaN/Inf: stop before it reaches the weights (and
+    before a diverged model can be cached). ``where`` names the step, e.g. "epoch 2, batch 7"."""
+    if not bool(torch.isfinite(loss)):
+        raise NumericalError(f"training diverged at {where}: loss is {loss.item()} (lower the learning rate, "
+                             "or check the data for NaN/Inf)")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators: this torch seeds its default
+    generator differently in every process, so a model built without this differs per process."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def train(
     model: nn.Module,
     x: ArrayLike | DataLoader,
@@ -161,10 +179,11 @@ def _epochs(model, x, y, epochs, batch_size, gen, augment_shift, batch_loss, opt
             model.train()
             bar.reset(task, total=steps_per_epoch)
             seen, correct, loss_sum = 0, 0, 0.0
-            for xb, yb in _batches(x, y, batch_size, gen):
+            for i, (xb, yb) in enumerate(_batches(x, y, batch_size, gen)):
                 if augment_shift:
                     xb = _random_shift(xb, augment_shift, gen)
                 loss, logits = batch_loss(model, xb, yb)
+                check_loss(loss, f"epoch {epoch}, batch {i + 1}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

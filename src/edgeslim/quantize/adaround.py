@@ -38,6 +38,7 @@ from rich.progress import Progress
 from edgeslim.errors import ConfigError, DataError
 from edgeslim.quantize.lower import QuantPlan, _weight_axis, quantize_weight
 from edgeslim.runtime.ort import input_feed
+from edgeslim.train import check_loss
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Eq. 23)
 QMIN, QMAX = -127, 127  # symmetric int8 weights, as lower_qdq writes them
@@ -228,6 +229,7 @@ def _fit(layer: _Layer, x: torch.Tensor, y: torch.Tensor, iterations: int, reg_w
         if it >= warm:  # f_reg (Eq. 24) with β annealed linearly from 20 to 2 after the warm-up
             beta = BETA_START + (BETA_END - BETA_START) * (it - warm) / max(1, iterations - warm - 1)
             loss = loss + reg_weight * (1.0 - (2.0 * h - 1.0).abs().pow(beta)).sum()
+        check_loss(loss, f"adaround iteration {it + 1}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

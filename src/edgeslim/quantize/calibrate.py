@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from edgeslim.errors import DataError
+from edgeslim.errors import DataError, NumericalError
 from edgeslim.quantize.observers import make_observer
 from edgeslim.runtime.ort import input_feed
 from edgeslim.task import batch_len
@@ -63,4 +63,9 @@ def collect_ranges(
             bar.update(task, advance=batch_len(x))
     if seen == 0:
         raise DataError("calibration set is empty: give at least one sample to calibrate on")
-    return {name: obs.range() for name, obs in observers.items()}
+    ranges = {name: obs.range() for name, obs in observers.items()}
+    for name, (lo, hi) in ranges.items():
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):  # per-tensor scalars or per-channel arrays
+            raise NumericalError(f"calibration: tensor {name!r} has a NaN/Inf range: the model or the "
+                                 "calibration data produce NaN/Inf there")
+    return ranges

@@ -35,7 +35,7 @@ from edgeslim.quantize.ptq import resolve_activation_dtype
 from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, count_samples
-from edgeslim.train import _batches, _num_batches
+from edgeslim.train import _batches, _num_batches, check_loss
 
 PARITY_MAX_STEPS = 4.0  # ExportError beyond this many output quantization steps
 
@@ -318,9 +318,10 @@ def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[in
         set_epoch(qat, epoch, config)
         qat.module.train()
         seen, correct, loss_sum = 0, 0, 0.0
-        for xb, yb in _batches(x, y, config.batch_size, gen):
+        for i, (xb, yb) in enumerate(_batches(x, y, config.batch_size, gen)):
             logits = qat.module(xb)
             loss = loss_fn(logits, yb)
+            check_loss(loss, f"qat_int8 epoch {epoch + 1}, batch {i + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

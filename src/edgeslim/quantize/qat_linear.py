@@ -41,6 +41,7 @@ from edgeslim.quantize.per_token import lower_per_token
 from edgeslim.quantize.ptq import plan_per_token, resolve_activation_dtype
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
+from edgeslim.train import check_loss
 
 __all__ = ["QuantLinear", "linear_qat"]
 
@@ -177,6 +178,7 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
                 with torch.no_grad():
                     target = _first(teacher(*xs))
                 loss = nn.functional.mse_loss(out, target)
+            check_loss(loss, f"qat_int8 epoch {epoch + 1}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -7,7 +7,7 @@ existing ONNX files stays light.
 from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_latency, denormals_flushed, peak_memory_bytes
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
-from edgeslim.runtime.ort import input_feed, make_session, predict, run
+from edgeslim.runtime.ort import dummy_feed, input_feed, input_shapes, make_session, parse_shapes, predict, run, with_static_shapes
 from edgeslim.runtime.softmax import bound_softmax_inputs
 from edgeslim.runtime.stats import count_macs, count_params, op_histogram, size_bytes
 
@@ -22,15 +22,19 @@ __all__ = [
     "count_macs",
     "count_params",
     "denormals_flushed",
+    "dummy_feed",
     "export_onnx",
     "input_feed",
+    "input_shapes",
     "inspect_optimized",
     "make_session",
     "op_histogram",
+    "parse_shapes",
     "peak_memory_bytes",
     "predict",
     "report_graph",
     "run",
     "size_bytes",
     "validate_outputs",
+    "with_static_shapes",
 ]

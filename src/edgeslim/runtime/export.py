@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from edgeslim import io
-from edgeslim.errors import ExportError, ModelError, RuntimeToolError
+from edgeslim.errors import ExportError, ModelError, RuntimeToolError, reraise_interrupt
 from edgeslim.runtime.ort import first_line, make_session, run
 from edgeslim.runtime.softmax import bound_softmax_inputs
 
@@ -94,6 +94,44 @@ def _check_dynamic_batch(proto: onnx.ModelProto, cls: str) -> None:
             )
 
 
+def _export_failure(model: "nn.Module", example_inputs: tuple, dynamic_shapes: object, exc: Exception) -> str:
+    """One line for a failed export: the operator the exporter could not convert and the module
+    that calls it, where the exception chain names one; else the exporter's own first line."""
+    import re
+
+    import torch
+
+    cls = type(model).__name__
+    chain, e = [], exc
+    while e is not None and len(chain) < 10:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    text = "\n".join(chain)
+    op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.:]+)', overload='(\w+)'\)>", text)
+    if op is None:
+        if "Dim" in text and "batch" in text or "Constraints violated" in text:
+            return (f"ONNX export of {cls} failed: the batch dimension cannot stay dynamic (the model hard-codes "
+                    f"the batch size?): {first_line(exc)}")
+        return f"ONNX export of {cls} failed: {first_line(exc)}"
+    target = f"{op.group(1)}.{op.group(2)}"
+    where = ""
+    for shapes in (dynamic_shapes, None):  # find the module that calls it, from torch.export's module stack
+        try:
+            with _quiet(), torch.no_grad():
+                program = torch.export.export(model, example_inputs, dynamic_shapes=shapes).run_decompositions()
+        except Exception:  # e.g. the batch is not dynamic: try a static export
+            continue
+        for node in program.graph.nodes:
+            stack = list((node.meta.get("nn_module_stack") or {}).values())
+            if str(node.target) == target and stack:
+                path, kind = stack[-1]
+                where = f" in module {path or '(root)'!r} ({str(kind).rsplit('.', 1)[-1]})"
+                break
+        break
+    return (f"ONNX export of {cls} failed: operator {target} has no ONNX conversion{where}; replace it "
+            "with supported operations or register a custom ONNX function")
+
+
 def export_onnx(
     model: "nn.Module",
     example_inputs: tuple["torch.Tensor", ...],
@@ -168,8 +206,8 @@ def export_onnx(
             )
             proto = program.model_proto
     except Exception as exc:
-        hint = " (if the model hard-codes the batch size, try dynamic_batch=False)" if dynamic_batch else ""
-        raise ExportError(f"ONNX export of {cls} failed: {first_line(exc)}{hint}") from exc
+        reraise_interrupt(exc)
+        raise ExportError(_export_failure(model, example_inputs, dynamic_shapes, exc)) from exc
 
     if dynamic_batch:
         _check_dynamic_batch(proto, cls)

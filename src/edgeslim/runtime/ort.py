@@ -16,7 +16,8 @@ import onnxruntime as ort
 
 from edgeslim.errors import RuntimeToolError, first_line
 
-__all__ = ["OPTIMIZATION_LEVELS", "make_session", "run", "predict", "input_feed"]
+__all__ = ["OPTIMIZATION_LEVELS", "make_session", "run", "predict", "input_feed", "parse_shapes", "input_shapes",
+           "dummy_feed", "with_static_shapes"]
 
 OPTIMIZATION_LEVELS: dict[str, ort.GraphOptimizationLevel] = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -146,3 +147,83 @@ def predict(session: ort.InferenceSession, x: np.ndarray, batch_size: int = 256)
         raise RuntimeToolError(f"predict needs a non-empty batch of inputs, got shape {tuple(x.shape)}")
     chunks = [run(session, x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)]
     return np.concatenate(chunks, axis=0)
+
+
+def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
+    """``["input=1x3x224x224", ...]`` -> ``{"input": [1, 3, 224, 224]}`` (the CLI's ``--shape``)."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            values = [int(d) for d in dims.lower().split("x")] if sep and name else None
+        except ValueError:
+            values = None
+        if values is None or not all(1 <= v <= 1_000_000 for v in values):
+            raise RuntimeToolError(f"--shape {spec!r}: expected NAME=D1xD2x... with sizes in [1, 1000000], "
+                                   "e.g. input=1x3x224x224")
+        if name in shapes:
+            raise RuntimeToolError(f"--shape: input {name!r} is given twice")
+        shapes[name] = values
+    return shapes
+
+
+def input_shapes(session: ort.InferenceSession, shapes: Mapping[str, Sequence[int]] | None = None,
+                 batch_size: int = 1) -> dict[str, list[int]]:
+    """The concrete shape of every input: from ``shapes`` where given (checked against the model's
+    fixed dims), else the model's dims with a dynamic first axis set to ``batch_size``. Any other
+    dynamic axis is ambiguous: RuntimeToolError naming the input and the axis."""
+    shapes = dict(shapes or {})
+    names = [i.name for i in session.get_inputs()]
+    unknown = sorted(set(shapes) - set(names))
+    if unknown:
+        raise RuntimeToolError(f"--shape: the model has no input {unknown[0]!r} (inputs: {', '.join(names)})")
+    out: dict[str, list[int]] = {}
+    for inp in session.get_inputs():
+        dims = list(inp.shape)
+        given = shapes.get(inp.name)
+        if given is not None:
+            if len(given) != len(dims):
+                raise RuntimeToolError(f"--shape {inp.name}: the input has {len(dims)} axes, got {len(given)}")
+            for axis, (d, g) in enumerate(zip(dims, given)):
+                if isinstance(d, int) and d > 0 and d != g:
+                    raise RuntimeToolError(f"--shape {inp.name}: axis {axis} is fixed to {d} in the model, got {g}")
+            out[inp.name] = list(given)
+            continue
+        shape = []
+        for axis, d in enumerate(dims):
+            if isinstance(d, int) and d > 0:
+                shape.append(d)
+            elif axis == 0:
+                shape.append(batch_size)
+            else:
+                sym = f" ({d!r})" if isinstance(d, str) else ""
+                raise RuntimeToolError(f"input {inp.name!r} axis {axis}{sym} is dynamic: give its size with "
+                                       f"--shape {inp.name}=" + "x".join(str(x) if isinstance(x, int) and x > 0
+                                                                         else "N" for x in dims))
+        out[inp.name] = shape
+    return out
+
+
+def dummy_feed(session: ort.InferenceSession, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded inputs of the given shapes: uniform [0, 1) floats, zeros for integer and bool inputs
+    (token ids 0 and masks 0 are valid for every vocabulary)."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for inp in session.get_inputs():
+        dtype = ORT_TO_NUMPY.get(inp.type, np.float32)
+        shape = list(shapes[inp.name])
+        feeds[inp.name] = (rng.random(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                           else np.zeros(shape, dtype=dtype))
+    return feeds
+
+
+def with_static_shapes(model: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have the given fixed sizes (what ORT optimizes for them)."""
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for inp in fixed.graph.input:
+        if inp.name in shapes:
+            for dim, size in zip(inp.type.tensor_type.shape.dim, shapes[inp.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    return fixed
