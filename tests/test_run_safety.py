@@ -42,6 +42,16 @@ def test_replacing_a_run_keeps_only_the_new_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, old run or lock left
 
 
+def test_run_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = _run(tmp_path / "out", {"sub/a.txt": "1"})
+    finally:
+        os.umask(old)
+    assert (out.stat().st_mode & 0o777) == 0o755  # not mkdtemp's private 0700
+    assert ((out / "sub" / "a.txt").stat().st_mode & 0o777) == 0o644  # not mkstemp's 0600
+
+
 def test_two_renames_where_the_file_system_cannot_exchange(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "_exchange", lambda a, b: False)
     _run(tmp_path / "out", {"a.txt": "1"})

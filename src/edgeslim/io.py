@@ -28,10 +28,17 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a written file is not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -274,9 +281,7 @@ class RunFolder:
                     self.staging = Path(tempfile.mkdtemp(dir=root, prefix=prefix, suffix=".tmp"))
                 except OSError as err:
                     raise self._refuse(f"cannot write in {root}: {err.strerror or err}") from None
-                mask = os.umask(0)
-                os.umask(mask)
-                os.chmod(self.staging, 0o777 & ~mask)  # mkdtemp makes it private; a run folder is not
+                os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp makes it private; a run folder is not
                 (self.staging / STAGING_MARKER).write_text(str(os.getpid()))
             except BaseException:
                 self._unlock()
