@@ -95,6 +95,16 @@ def test_a_file_the_user_put_into_a_run_folder_is_never_deleted(tmp_path):
     assert (tmp_path / "out" / "a.txt").read_text() == "2"
 
 
+def test_a_run_file_the_user_edited_is_theirs(tmp_path):
+    _run(tmp_path / "out", {"report.md": "generated"})
+    (tmp_path / "out" / "report.md").write_text("generated, and my comments")
+    with pytest.raises(OutputError, match="report.md"):
+        _run(tmp_path / "out", {"report.md": "new"})
+    with pytest.raises(OutputError, match="would replace report.md"):
+        _run(tmp_path / "out", {"report.md": "new"}, overwrite=True)
+    assert (tmp_path / "out" / "report.md").read_text() == "generated, and my comments"
+
+
 def test_stale_staging_is_cleaned_but_foreign_files_in_it_are_not(tmp_path, capsys):
     ours = tmp_path / ".out.edgeslim-dead1.tmp"
     ours.mkdir()

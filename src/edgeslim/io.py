@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -58,8 +59,8 @@ def _jsonable(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------ run folders
-# Every run folder holds RUN_MARKER, the list of the files edgeslim wrote into it: that list, and
-# nothing else, is what a later run may delete. A staging folder holds STAGING_MARKER from the
+# Every run folder holds RUN_MARKER, the files edgeslim wrote into it with their sha256: those
+# files, while unchanged, and nothing else, are what a later run may delete. A staging folder holds STAGING_MARKER from the
 # moment it is made; only edgeslim ever writes into one, so a stale one is removed whole.
 RUN_MARKER = ".edgeslim-run.json"
 STAGING_MARKER = ".edgeslim-staging"
@@ -85,15 +86,32 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _manifest(folder: Path) -> list[str] | None:
-    """The files edgeslim wrote into ``folder`` (its RUN_MARKER), or None if it is no run folder."""
+    """The files edgeslim wrote into ``folder`` and that are still as it wrote them (its RUN_MARKER
+    records each file's sha256: a file the user has since edited is the user's); None if ``folder``
+    is no run folder."""
     try:
         data = json.loads((folder / RUN_MARKER).read_text())
-        files = data["files"]
+        digests = data["sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+    if not isinstance(digests, dict):
         return None
-    return [f for f in files if not Path(f).is_absolute() and ".." not in Path(f).parts]
+    ours = []
+    for rel, digest in digests.items():
+        path = folder / rel
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            continue
+        if path.is_file() and not path.is_symlink() and _sha256(path) == digest:
+            ours.append(rel)
+    return ours
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _entries(folder: Path) -> list[str]:
@@ -319,7 +337,7 @@ class RunFolder:
         staging = self.staging
         (staging / STAGING_MARKER).unlink()
         files = _entries(staging)
-        write_json(staging / RUN_MARKER, {"edgeslim_run": 1, "files": files})
+        write_json(staging / RUN_MARKER, {"edgeslim_run": 1, "sha256": {f: _sha256(staging / f) for f in files}})
         self._check()  # the user may have added files while the run worked
         if self._merge:
             self._merge_in(staging, files)
