@@ -229,3 +229,20 @@ def test_make_session_bad_files(tmp_path) -> None:
         make_session(junk)
     with pytest.raises(RuntimeToolError, match="optimization"):
         make_session(missing, optimization="max")
+
+
+def test_probe_session_reads_intermediate_tensors_without_touching_the_model(tiny) -> None:
+    from edgeslim.runtime.probe import probe_session
+
+    model = onnx.load(tiny[0])
+    inner = [n.output[0] for n in model.graph.node][:2]
+    final = model.graph.output[0].name
+    session, names = probe_session(model, [inner[1], inner[0], inner[1], final], threads=1)
+    assert names == [inner[1], inner[0], final]  # deduplicated, in the order asked
+    assert [o.name for o in model.graph.output] == [final]  # the caller's model is unchanged
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    values = dict(zip(names, session.run(names, {"input": x})))
+    np.testing.assert_allclose(values[final], run(make_session(model), x)[0], rtol=1e-5, atol=1e-5)
+    assert values[inner[0]].shape[0] == 2
+    fused, _ = probe_session(onnx.load(tiny[1]), [], optimization="all")  # no extra outputs: a plain session
+    assert len(fused.get_outputs()) == 1

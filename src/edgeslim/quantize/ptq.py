@@ -8,7 +8,6 @@ from typing import Iterable, Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError, ExportError
@@ -23,7 +22,7 @@ from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import QuantPlan, layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token, match_layers
 from edgeslim.registry import register
-from edgeslim.runtime.ort import input_feed
+from edgeslim.runtime.ort import input_feed, make_session
 from edgeslim.task import ModelArtifact, Task
 
 
@@ -190,12 +189,8 @@ def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray | tuple[np.ndarray,
     quantization). They may differ by requantization rounding, a few output steps at most; more
     means a fusion changed the math. Returns the max abs difference."""
     outs = []
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = level
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for level in ("disable", "all"):
+        sess = make_session(qdq, threads=1, optimization=level)
         outs.append(sess.run(None, input_feed(sess, x)))
     worst = 0.0
     for name, ref, got in zip([o.name for o in qdq.graph.output], outs[0], outs[1]):

@@ -8,6 +8,7 @@ from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_late
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
 from edgeslim.runtime.ort import dummy_feed, input_feed, input_shapes, make_session, parse_shapes, predict, run, with_static_shapes
+from edgeslim.runtime.probe import probe_session
 from edgeslim.runtime.softmax import bound_softmax_inputs
 from edgeslim.runtime.stats import count_macs, count_params, op_histogram, size_bytes
 
@@ -32,6 +33,7 @@ __all__ = [
     "parse_shapes",
     "peak_memory_bytes",
     "predict",
+    "probe_session",
     "report_graph",
     "run",
     "size_bytes",
