@@ -246,3 +246,13 @@ def test_probe_session_reads_intermediate_tensors_without_touching_the_model(tin
     assert values[inner[0]].shape[0] == 2
     fused, _ = probe_session(onnx.load(tiny[1]), [], optimization="all")  # no extra outputs: a plain session
     assert len(fused.get_outputs()) == 1
+
+
+def test_machine_info_names_the_machine_and_versions() -> None:
+    from edgeslim.pipeline import machine_info as from_pipeline  # the old import path still works
+    from edgeslim.runtime import machine_info
+
+    info = machine_info()
+    assert from_pipeline is machine_info
+    assert set(info) == {"platform", "cpu", "cpu_count", "python", "torch", "onnx", "onnxruntime"}
+    assert info["onnxruntime"] == __import__("onnxruntime").__version__ and info["cpu_count"] >= 1

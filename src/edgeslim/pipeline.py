@@ -8,7 +8,6 @@ side by side at the end, interleaved, so that machine drift does not favour one 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from rich.console import Console
 from edgeslim import io, registry
 from edgeslim.config import Checked, TechniqueConfig
 from edgeslim.errors import ConfigError
+from edgeslim.runtime.bench import machine_info
 from edgeslim.task import ModelArtifact, Task, check_finite
 
 console = Console(stderr=True)
@@ -88,18 +88,6 @@ class RunResult:
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
 def evaluate_onnx(model: onnx.ModelProto | Path, task: Task, where: str = "model") -> float:

@@ -4,7 +4,8 @@ This subpackage imports ``torch`` only inside :func:`export_onnx` and :func:`den
 existing ONNX files stays light.
 """
 
-from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_latency, denormals_flushed, peak_memory_bytes
+from edgeslim.runtime.bench import (LatencyStats, benchmark_latency, compare_latency, denormals_flushed, machine_info,
+                                    peak_memory_bytes)
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
 from edgeslim.runtime.ort import dummy_feed, input_feed, input_shapes, make_session, parse_shapes, predict, run, with_static_shapes
@@ -28,6 +29,7 @@ __all__ = [
     "input_feed",
     "input_shapes",
     "inspect_optimized",
+    "machine_info",
     "make_session",
     "op_histogram",
     "parse_shapes",
