@@ -16,12 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from rich.console import Console
 
 from edgeslim import io, registry
 from edgeslim.config import Checked, TechniqueConfig
 from edgeslim.errors import ConfigError
+from edgeslim.evaluate.onnx_eval import evaluate_onnx
 from edgeslim.runtime.bench import machine_info
 from edgeslim.task import ModelArtifact, Task, check_finite
 
@@ -88,26 +88,6 @@ class RunResult:
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
-
-
-def evaluate_onnx(model: onnx.ModelProto | Path, task: Task, where: str = "model") -> float:
-    """The task metric of the deployable graph, computed from ONNX Runtime outputs; NumericalError
-    naming ``where`` if an output holds NaN/Inf (a metric of such outputs means nothing)."""
-    from edgeslim.errors import NumericalError
-    from edgeslim.runtime import make_session, run
-
-    session = make_session(model, threads=os.cpu_count() or 1)
-    outs, targets = [], []
-    for i, (x, y) in enumerate(task.evaluation_batches()):
-        out = run(session, x)[0]
-        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
-            raise NumericalError(f"{where}: ONNX Runtime output holds NaN/Inf on evaluation batch {i + 1}")
-        outs.append(out)
-        targets.append(y)
-    value = float(task.metric(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(targets))))
-    if not np.isfinite(value):
-        raise NumericalError(f"{where}: the metric {task.metric_name} is {value}")
-    return value
 
 
 def compress(

@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from edgeslim.evaluate.metrics import sqnr_db
+from edgeslim.report.markdown import table_lines
 from edgeslim.runtime.ort import input_feed
 from edgeslim.runtime.probe import probe_session
 
@@ -50,11 +51,10 @@ class ParityReport:
         head = ("integer kernels match the simulation everywhere (within "
                 f"{self.tolerance} step on all but {self.max_mismatch:.0%} of elements)" if first is None else
                 f"first divergence: `{first.tensor}` from {first.producer} ({first.max_steps} steps)")
+        cells = [[t.tensor, t.producer, str(t.max_steps), f"{t.mismatch_fraction:.2%}",
+                  "–" if t.sqnr_db is None else f"{t.sqnr_db:.1f}"] for t in self.tensors]
         lines = ["# Quantization parity, layer by layer", "", head, "",
-                 "| tensor | produced by | max int diff | mismatching | SQNR vs float (dB) |", "|---|---|---|---|---|"]
-        for t in self.tensors:
-            sq = "–" if t.sqnr_db is None else f"{t.sqnr_db:.1f}"
-            lines.append(f"| {t.tensor} | {t.producer} | {t.max_steps} | {t.mismatch_fraction:.2%} | {sq} |")
+                 *table_lines(["tensor", "produced by", "max int diff", "mismatching", "SQNR vs float (dB)"], cells)]
         return "\n".join(lines) + "\n"
 
 
