@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeslim.quantize.graph_edit import rebuild
+from edgeslim.runtime.graph_edit import rebuild
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # Ops whose output may reuse the input's quantization parameters (values are only moved).
