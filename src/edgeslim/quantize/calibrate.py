@@ -10,7 +10,7 @@ import onnx
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from edgeslim.errors import DataError, NumericalError
-from edgeslim.quantize.observers import make_observer
+from edgeslim.quantize.observers import ActivationObserver, MinMax, observer_spec
 from edgeslim.runtime.ort import input_feed
 from edgeslim.runtime.probe import probe_session
 from edgeslim.task import batch_len
@@ -21,21 +21,26 @@ def collect_ranges(
     tensors: list[str],
     batches: Iterable[np.ndarray | tuple[np.ndarray, ...]],
     *,
-    observer: str = "minmax",
+    observer: str | ActivationObserver = MinMax(),
     observer_options: dict | None = None,
     total: int | None = None,
     progress: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """Observe ``tensors`` of ``model`` over calibration ``batches``; return ``{name: (lo, hi)}``.
 
-    ``observer`` names the range estimator (minmax, moving_average, percentile, mse, kl);
-    ``observer_options`` go to it (dtype, symmetric, percentile).
+    ``observer`` is the range estimator, a value of :mod:`edgeslim.quantize.observers`
+    (``MinMax()``, ``Percentile(99.9)``, ...) or its recipe name (minmax, moving_average,
+    percentile, mse, kl; then ``observer_options`` may hold ``percentile``). The other
+    ``observer_options`` (axis, dtype, symmetric) configure each tensor's observer.
 
     The tensors are read through a probe session (:func:`edgeslim.runtime.probe.probe_session`:
     graph optimizations off, so the tensor names of the input graph still exist).
     """
+    options = dict(observer_options or {})
+    if isinstance(observer, str):
+        observer = observer_spec(observer, options.pop("percentile", 99.99))
     session, names = probe_session(model, tensors, threads=os.cpu_count() or 1)
-    observers = {name: make_observer(observer, **(observer_options or {})) for name in names}
+    observers = {name: observer.build(**options) for name in names}
 
     seen = 0
     with Progress(

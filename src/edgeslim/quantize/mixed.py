@@ -148,10 +148,10 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     # ``fixed``: per-token by the user's choice (ptq.per_token), not searched
     full, fixed = plan_per_token(folded, ptq.per_token, exclude=ptq.exclude, op_types=ptq.op_types or None,
                                  activation_matmuls=ptq.activation_matmuls)
-    options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
+    options = {"dtype": dtype, "symmetric": ptq.activation_symmetric}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
     # full plan (after a MaxPool) needs one of its own once that input's layer returns to float.
-    ranges = collect_ranges(folded, full.tensors, batches, observer=ptq.observer, observer_options=options,
+    ranges = collect_ranges(folded, full.tensors, batches, observer=ptq.activation_observer, observer_options=options,
                             progress=ptq.progress)
     weights = mse_weight_params(folded, full, ptq.per_channel) if ptq.weight_observer == "mse" else None
     nodes = [folded.graph.node[i] for i in full.weighted]
