@@ -35,7 +35,7 @@ from onnx import helper, numpy_helper
 from rich.progress import Progress
 
 from edgeslim.errors import ConfigError, DataError
-from edgeslim.quantize.lower import QuantPlan, _weight_axis, quantize_weight
+from edgeslim.quantize.lower import QuantPlan, quantize_weight, weight_axis
 from edgeslim.runtime.ort import input_feed
 from edgeslim.runtime.probe import probe_session
 from edgeslim.train import check_loss
@@ -76,7 +76,7 @@ class _Layer:
         if self.conv is not None:
             return qm.reshape(self.w.shape)
         q = qm.reshape(self.out_features, -1)
-        return q if _weight_axis(self.node) == 0 else q.T
+        return q if weight_axis(self.node) == 0 else q.T
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -134,7 +134,7 @@ def _activation(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float, fl
 def _layer(model: onnx.ModelProto, node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
            per_channel: bool, base: tuple[np.ndarray, np.ndarray] | None) -> _Layer | None:
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    axis = _weight_axis(node) if per_channel else None
+    axis = weight_axis(node) if per_channel else None
     scale = np.asarray(base[1] if base is not None else quantize_weight(w, axis)[1], dtype=np.float32)
     bias = None
     if len(node.input) > 2 and node.input[2] in inits:
@@ -147,7 +147,7 @@ def _layer(model: onnx.ModelProto, node: onnx.NodeProto, inits: Mapping[str, onn
         groups = int(_attrs(node).get("group", 1))
         wm = w.reshape(groups, w.shape[0] // groups, -1)
     else:
-        wm = (w if _weight_axis(node) == 0 else w.T)[None]
+        wm = (w if weight_axis(node) == 0 else w.T)[None]
     return _Layer(node, w, np.ascontiguousarray(wm), scale, bias, _activation(model, node), conv)
 
 
@@ -288,7 +288,7 @@ def adaround_weight_params(
     for node, layer in zip(nodes, layers):
         if layer is None:  # unsupported geometry: nearest rounding (or the given base)
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            axis = _weight_axis(node) if per_channel else None
+            axis = weight_axis(node) if per_channel else None
             params[node.name] = base_params[node.name] if node.name in base_params else quantize_weight(w, axis)
     active = [(n, lay) for n, lay in zip(nodes, layers) if lay is not None]
     if not active:

@@ -19,7 +19,7 @@ from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.equalize import equalize_cross_layer, smooth_quant
 from edgeslim.quantize.observers import OBSERVER_VALUES, ActivationObserver, MSEObserver, Percentile, observer_spec
 from edgeslim.quantize.fold import fold_batchnorm
-from edgeslim.quantize.lower import QuantPlan, layer_name, lower_qdq, plan_quantization
+from edgeslim.quantize.lower import QuantPlan, layer_name, lower_qdq, plan_quantization, quantize_weight, weight_axis
 from edgeslim.quantize.per_token import lower_per_token, match_layers
 from edgeslim.registry import register
 from edgeslim.runtime.ort import input_feed, make_session
@@ -186,24 +186,17 @@ def mse_weight_params(folded: onnx.ModelProto, plan, per_channel: bool) -> dict[
     """Per-channel symmetric int8 weights clipped at the MSE-optimal range of each channel."""
     from onnx import numpy_helper
 
-    from edgeslim.quantize.lower import _weight_axis
-
     inits = {i.name: i for i in folded.graph.initializer}
     out = {}
     for index in plan.weighted:
         node = folded.graph.node[index]
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        axis = _weight_axis(node) if per_channel else None
+        axis = weight_axis(node) if per_channel else None
         obs = MSEObserver(axis, symmetric=True)
         obs.update(w)
         lo, hi = obs.range()
         bound = np.maximum(np.abs(np.asarray(lo)), np.abs(np.asarray(hi)))
-        scale = (np.maximum(bound, 1e-12) / 127.0).astype(np.float32)
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-        out[node.name] = (q, scale)
+        out[node.name] = quantize_weight(w, axis, bound)
     return out
 
 
