@@ -17,7 +17,7 @@ from edgeslim.quantize import fold_batchnorm, lower_qdq, plan_quantization
 from edgeslim.quantize import adaround as ada
 from edgeslim.quantize.adaround import adaround_weight_params
 from edgeslim.quantize.calibrate import collect_ranges
-from edgeslim.quantize.lower import _weight_axis, quantize_weight
+from edgeslim.quantize.lower import quantize_weight, weight_axis
 from edgeslim.runtime import export_onnx, inspect_optimized
 from edgeslim.train import train
 
@@ -64,7 +64,7 @@ def test_learned_rounding_is_floor_or_ceil_in_int8_range(setup):
     for node in nodes:
         q, scale = params[node.name]
         w = inits[node.input[1]]
-        nearest, ref_scale = quantize_weight(w, _weight_axis(node))
+        nearest, ref_scale = quantize_weight(w, weight_axis(node))
         assert q.dtype == np.int8 and q.shape == w.shape
         np.testing.assert_array_equal(scale, ref_scale)  # scales stay fixed
         assert q.min() >= -127 and q.max() <= 127
@@ -90,7 +90,7 @@ def test_every_layer_reconstructs_better_than_nearest(setup):
         target = act(torch.from_numpy(fp[node.output[0]]))
         bias = torch.from_numpy(inits[node.input[2]])
         w_ada = torch.from_numpy(params[node.name][0].astype(np.float32))
-        q_near, scale = quantize_weight(inits[node.input[1]], _weight_axis(node))
+        q_near, scale = quantize_weight(inits[node.input[1]], weight_axis(node))
         errors = []
         for q in (w_ada, torch.from_numpy(q_near.astype(np.float32))):
             s = torch.from_numpy(scale).reshape(-1, *[1] * (q.ndim - 1))
@@ -172,7 +172,7 @@ def _check_rows_reproduce_outputs(model: onnx.ModelProto, x: np.ndarray) -> None
         if layer.clamp is None:
             np.testing.assert_allclose(got, ada._targets(layer, y, pick), rtol=1e-4, atol=1e-4)
         q = layer.to_onnx(np.round(layer.wm / layer.scale_matrix()))  # back to the ONNX layout
-        np.testing.assert_array_equal(q, quantize_weight(layer.w, _weight_axis(node))[0])
+        np.testing.assert_array_equal(q, quantize_weight(layer.w, weight_axis(node))[0])
 
 
 def test_conv_geometry_strides_groups_dilation_1d():

@@ -221,6 +221,30 @@ def test_observers_on_a_known_distribution():
     assert lo.tolist() == [1.0, -2.0] and hi.tolist() == [3.0, 0.5]
 
 
+def test_observer_values_are_what_the_recipe_spelling_means(cnn, images):
+    from edgeslim.quantize.observers import KL, MSE, MinMax, MovingAverage, Percentile, observer_spec
+
+    assert [observer_spec(n) for n in ("minmax", "moving_average", "mse", "kl")] == [MinMax(), MovingAverage(), MSE(), KL()]
+    spelled = PTQInt8Config(observer="percentile", percentile=99.9, progress=False)
+    given = PTQInt8Config(observer=Percentile(99.9), progress=False)
+    assert spelled.activation_observer == Percentile(99.9) and given == spelled  # stored in the recipe spelling
+    assert PTQInt8Config(percentile=99.9).activation_observer == MinMax()  # the percentile waits for its observer
+    assert PTQInt8Config.from_dict({k: v for k, v in given.to_dict().items() if k != "technique"}) == given
+    fp32 = export_onnx(cnn, (torch.from_numpy(images[:1]),))
+    a, b = (quantize_static(fp32, [images[:32], images[32:]], c) for c in (spelled, given))
+    assert a.SerializeToString() == b.SerializeToString()
+    x = np.random.default_rng(1).normal(size=(4, 1000)).astype(np.float32)
+    for spec in (MinMax(), MovingAverage(), Percentile(99.0), MSE(), KL()):
+        obs = spec.build(axis=None, dtype="uint8")
+        obs.update(x)
+        lo, hi = obs.range()
+        assert lo < 0 < hi, spec
+    with pytest.raises(ConfigError, match="percentile: given twice"):
+        PTQInt8Config(observer=Percentile(99.9), percentile=99.0)
+    with pytest.raises(ConfigError, match="percentile: must be in"):
+        Percentile(20.0)
+
+
 def test_embedding_rows_are_int8_and_decode_exactly():
     from edgeslim.quantize.embedding import quantize_embeddings
 

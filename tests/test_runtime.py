@@ -229,3 +229,58 @@ def test_make_session_bad_files(tmp_path) -> None:
         make_session(junk)
     with pytest.raises(RuntimeToolError, match="optimization"):
         make_session(missing, optimization="max")
+
+
+def test_probe_session_reads_intermediate_tensors_without_touching_the_model(tiny) -> None:
+    from edgeslim.runtime.probe import probe_session
+
+    model = onnx.load(tiny[0])
+    inner = [n.output[0] for n in model.graph.node][:2]
+    final = model.graph.output[0].name
+    session, names = probe_session(model, [inner[1], inner[0], inner[1], final], threads=1)
+    assert names == [inner[1], inner[0], final]  # deduplicated, in the order asked
+    assert [o.name for o in model.graph.output] == [final]  # the caller's model is unchanged
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    values = dict(zip(names, session.run(names, {"input": x})))
+    np.testing.assert_allclose(values[final], run(make_session(model), x)[0], rtol=1e-5, atol=1e-5)
+    assert values[inner[0]].shape[0] == 2
+    fused, _ = probe_session(onnx.load(tiny[1]), [], optimization="all")  # no extra outputs: a plain session
+    assert len(fused.get_outputs()) == 1
+
+
+def test_machine_info_names_the_machine_and_versions() -> None:
+    from edgeslim.pipeline import machine_info as from_pipeline  # the old import path still works
+    from edgeslim.runtime import machine_info
+
+    info = machine_info()
+    assert from_pipeline is machine_info
+    assert set(info) == {"platform", "cpu", "cpu_count", "python", "torch", "onnx", "onnxruntime"}
+    assert info["onnxruntime"] == __import__("onnxruntime").__version__ and info["cpu_count"] >= 1
+
+
+def test_replace_nodes_rewrites_a_copy_with_fresh_names_and_drops_unread_weights() -> None:
+    from edgeslim.runtime.graph_edit import find_linear_sites, replace_nodes
+
+    w = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="mm"), helper.make_node("Relu", ["y"], ["z"], name="y/Scale")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (site,) = find_linear_sites(model)
+    np.testing.assert_array_equal(site.weight, numpy_helper.to_array(w))
+
+    def halve(index, node, edit) -> bool:  # y = x @ (W / 2) * 2, under fresh names
+        if index != site.index:
+            return False
+        half = edit.fresh("y")  # "y" is taken: y_1
+        edit.add("MatMul", [node.input[0], edit.const("W", site.weight / 2)], [half], "mm")
+        edit.add("Mul", [half, edit.const("two", np.array(2.0, np.float32))], [node.output[0]], "y/Scale")
+        return True
+
+    out = replace_nodes(model, halve)
+    assert [n.name for n in out.graph.node] == ["mm_1", "y/Scale_1", "y/Scale"]
+    assert [i.name for i in out.graph.initializer] == ["W_1", "two"]  # the old W is read no more
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Relu"]  # the input model is unchanged
+    x = np.array([[1.0, -2.0]], np.float32)
+    np.testing.assert_allclose(run(make_session(out), x)[0], run(make_session(model), x)[0])

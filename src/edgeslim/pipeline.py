@@ -8,7 +8,6 @@ side by side at the end, interleaved, so that machine drift does not favour one 
 from __future__ import annotations
 
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from rich.console import Console
 
 from edgeslim import io, registry
 from edgeslim.config import Checked, TechniqueConfig
 from edgeslim.errors import ConfigError
+from edgeslim.evaluate.onnx_eval import evaluate_onnx
+from edgeslim.runtime.bench import machine_info
 from edgeslim.task import ModelArtifact, Task, check_finite
 
 console = Console(stderr=True)
@@ -88,38 +88,6 @@ class RunResult:
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
-
-
-def machine_info() -> dict[str, Any]:
-    """What the figures were measured on."""
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
-
-
-def evaluate_onnx(model: onnx.ModelProto | Path, task: Task, where: str = "model") -> float:
-    """The task metric of the deployable graph, computed from ONNX Runtime outputs; NumericalError
-    naming ``where`` if an output holds NaN/Inf (a metric of such outputs means nothing)."""
-    from edgeslim.errors import NumericalError
-    from edgeslim.runtime import make_session, run
-
-    session = make_session(model, threads=os.cpu_count() or 1)
-    outs, targets = [], []
-    for i, (x, y) in enumerate(task.evaluation_batches()):
-        out = run(session, x)[0]
-        if np.issubdtype(out.dtype, np.floating) and not np.isfinite(out).all():
-            raise NumericalError(f"{where}: ONNX Runtime output holds NaN/Inf on evaluation batch {i + 1}")
-        outs.append(out)
-        targets.append(y)
-    value = float(task.metric(torch.from_numpy(np.concatenate(outs)), torch.from_numpy(np.concatenate(targets))))
-    if not np.isfinite(value):
-        raise NumericalError(f"{where}: the metric {task.metric_name} is {value}")
-    return value
 
 
 def compress(

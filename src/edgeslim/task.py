@@ -11,29 +11,11 @@ import torch
 from torch import nn
 
 from edgeslim.errors import ConfigError, DataError, ModelError, first_line
+from edgeslim.evaluate.metrics import METRICS, accuracy  # noqa: F401  (their home; imported from here too)
 
 # A data set is a torch DataLoader yielding (x, y) batches, or an (X, y) pair of arrays/tensors.
 Data = Union[torch.utils.data.DataLoader, tuple[Any, Any]]
 Metric = Callable[[torch.Tensor, torch.Tensor], float]
-
-
-def accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    """Top-1 accuracy as a fraction in [0, 1]."""
-    outputs, targets = torch.as_tensor(outputs), torch.as_tensor(targets)
-    if len(targets) == 0:
-        raise DataError("evaluation set is empty")
-    return float((outputs.argmax(dim=-1) == targets).double().mean())
-
-
-def _cosine(outputs: torch.Tensor, targets: torch.Tensor) -> float:
-    from edgeslim.evaluate.metrics import cosine
-
-    return cosine(outputs, targets)
-
-
-# Metrics by recipe name. "cosine": mean cosine similarity of output vectors to the targets (for an
-# embedding model, targets are the fp32 model's own embeddings: fidelity of the compressed model).
-METRICS: dict[str, Metric] = {"accuracy": accuracy, "cosine": _cosine}
 
 
 def _to_numpy(a: Any) -> np.ndarray:

@@ -1,6 +1,8 @@
-"""Fidelity and ranking metrics for models whose output is a vector, not a class.
+"""Task metrics: top-1 ``accuracy`` for classifiers, and fidelity and ranking metrics for models
+whose output is a vector, not a class.
 
-``cosine`` compares a compressed encoder's embeddings with the fp32 model's (higher is better,
+:data:`METRICS` names the ``(outputs, targets) -> float`` metrics a recipe can ask for (higher is
+better, as ``Task.metric`` wants). ``cosine`` compares a compressed encoder's embeddings with the fp32 model's (higher is better,
 so it fits ``Task.metric``); ``sqnr_db`` measures the same drift in decibels; ``spearman`` with
 ``pair_scores`` scores an encoder against human similarity judgements (STS-style CSVs).
 """
@@ -14,7 +16,7 @@ import numpy as np
 
 from edgeslim.errors import DataError
 
-__all__ = ["cosine", "cosine_min", "pair_scores", "row_cosines", "spearman", "sqnr_db"]
+__all__ = ["METRICS", "accuracy", "cosine", "cosine_min", "pair_scores", "row_cosines", "spearman", "sqnr_db"]
 
 _EPS = 1e-12
 
@@ -62,6 +64,21 @@ def cosine(outputs: Any, targets: Any) -> float:
 def cosine_min(outputs: Any, targets: Any) -> float:
     """Worst row-wise cosine similarity: catches a few badly-encoded inputs that a mean hides."""
     return float(row_cosines(outputs, targets).min())
+
+
+def accuracy(outputs: Any, targets: Any) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]: ``outputs`` (N, classes) scores, ``targets`` (N,) labels."""
+    import torch  # the Task hands torch tensors; kept out of this module's imports
+
+    outputs, targets = torch.as_tensor(outputs), torch.as_tensor(targets)
+    if len(targets) == 0:
+        raise DataError("evaluation set is empty")
+    return float((outputs.argmax(dim=-1) == targets).double().mean())
+
+
+# Metrics by recipe name. "cosine": mean cosine similarity of output vectors to the targets (for an
+# embedding model, targets are the fp32 model's own embeddings: fidelity of the compressed model).
+METRICS: dict[str, Callable[[Any, Any], float]] = {"accuracy": accuracy, "cosine": cosine}
 
 
 def sqnr_db(reference: Any, actual: Any) -> float:

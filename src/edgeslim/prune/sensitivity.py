@@ -8,8 +8,9 @@ pruning can reuse the scan; the default is unstructured magnitude pruning of the
 
 The metric is computed by :func:`task_evaluator`: in PyTorch (``backend="torch"``, the default:
 fast, and for weight-only pruning the same numbers as the exported graph up to float rounding)
-or on ONNX Runtime through :func:`edgeslim.pipeline.evaluate_onnx` (``backend="onnx"``, the
-deployable graph itself). The table and plot name the backend used.
+or on ONNX Runtime through :func:`edgeslim.evaluate.evaluate_onnx` (``backend="onnx"``, the
+deployable graph itself). The table and plot name the backend used. The scan itself is
+:func:`edgeslim.evaluate.sensitivity.scan`, shared with mixed-precision quantization.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch import nn
 
 from edgeslim import io
 from edgeslim.errors import ConfigError
+from edgeslim.evaluate.sensitivity import scan, sensitivity_markdown
 from edgeslim.prune.unstructured import (
     apply_masks,
     magnitude_masks,
@@ -56,7 +58,7 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, model: nn.Module) -> float:
         if self.backend == "onnx":
-            from edgeslim.pipeline import evaluate_onnx
+            from edgeslim.evaluate.onnx_eval import evaluate_onnx
 
             return evaluate_onnx(self.task.export(model.eval()), self.task)
         was_training = model.training
@@ -119,11 +121,13 @@ def analyze(model: nn.Module, evaluate: Callable[[nn.Module], float], ratios: Se
     result = Sensitivity(metric_name, float(evaluate(model)), ratios, backend=getattr(evaluate, "backend", "custom"))
     with Progress(transient=True, disable=not progress) as bar:
         job = bar.add_task("sensitivity", total=len(names) * len(ratios))
-        for name in names:
-            result.curves[name] = []
-            for ratio in ratios:
-                result.curves[name].append(float(evaluate(prune_fn(model, name, ratio))))
-                bar.update(job, advance=1, description=f"sensitivity {name} @ {ratio:.2f}")
+        rows = scan([(name, ratio) for name in names for ratio in ratios],
+                    lambda change: prune_fn(model, *change),
+                    lambda change, pruned: {"layer": change[0], "ratio": change[1], "metric": float(evaluate(pruned))},
+                    on_row=lambda _, row: bar.update(job, advance=1,
+                                                     description=f"sensitivity {row['layer']} @ {row['ratio']:.2f}"))
+    for k, name in enumerate(names):  # rows are layer-major: one block of len(ratios) per layer
+        result.curves[name] = [row["metric"] for row in rows[k * len(ratios):(k + 1) * len(ratios)]]
     return result
 
 
@@ -146,11 +150,9 @@ def select_ratios(result: Sensitivity, max_drop: float) -> dict[str, float]:
 def to_markdown(result: Sensitivity) -> str:
     """A markdown table: one row per layer, one column per ratio, the metric in each cell."""
     head = ["layer"] + [f"{r:.0%}" for r in result.ratios]
-    lines = [f"Sensitivity of {result.metric_name} ({result.backend}); unpruned: {result.baseline:.4f}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for layer, values in result.curves.items():
-        lines.append("| " + " | ".join([f"`{layer}`"] + [f"{v:.4f}" for v in values]) + " |")
-    return "\n".join(lines) + "\n"
+    cells = [[f"`{layer}`"] + [f"{v:.4f}" for v in values] for layer, values in result.curves.items()]
+    return sensitivity_markdown([f"Sensitivity of {result.metric_name} ({result.backend}); unpruned: {result.baseline:.4f}"],
+                                head, cells)
 
 
 def write_table(result: Sensitivity, path: str | Path) -> None:

@@ -30,14 +30,14 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 from rich.progress import Progress
 
 from edgeslim.errors import ConfigError, DataError
-from edgeslim.quantize.lower import QuantPlan, _weight_axis, quantize_weight
+from edgeslim.quantize.lower import QuantPlan, quantize_weight, weight_axis
 from edgeslim.runtime.ort import input_feed
+from edgeslim.runtime.probe import probe_session
 from edgeslim.train import check_loss
 
 ZETA, GAMMA = 1.1, -0.1  # stretch of the rectified sigmoid (Eq. 23)
@@ -76,7 +76,7 @@ class _Layer:
         if self.conv is not None:
             return qm.reshape(self.w.shape)
         q = qm.reshape(self.out_features, -1)
-        return q if _weight_axis(self.node) == 0 else q.T
+        return q if weight_axis(self.node) == 0 else q.T
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -134,7 +134,7 @@ def _activation(model: onnx.ModelProto, node: onnx.NodeProto) -> tuple[float, fl
 def _layer(model: onnx.ModelProto, node: onnx.NodeProto, inits: Mapping[str, onnx.TensorProto],
            per_channel: bool, base: tuple[np.ndarray, np.ndarray] | None) -> _Layer | None:
     w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-    axis = _weight_axis(node) if per_channel else None
+    axis = weight_axis(node) if per_channel else None
     scale = np.asarray(base[1] if base is not None else quantize_weight(w, axis)[1], dtype=np.float32)
     bias = None
     if len(node.input) > 2 and node.input[2] in inits:
@@ -147,7 +147,7 @@ def _layer(model: onnx.ModelProto, node: onnx.NodeProto, inits: Mapping[str, onn
         groups = int(_attrs(node).get("group", 1))
         wm = w.reshape(groups, w.shape[0] // groups, -1)
     else:
-        wm = (w if _weight_axis(node) == 0 else w.T)[None]
+        wm = (w if weight_axis(node) == 0 else w.T)[None]
     return _Layer(node, w, np.ascontiguousarray(wm), scale, bias, _activation(model, node), conv)
 
 
@@ -239,20 +239,6 @@ def _fit(layer: _Layer, x: torch.Tensor, y: torch.Tensor, iterations: int, reg_w
     return learned.numpy(), base, ada
 
 
-def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(outputs) if n not in have)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep tensor names: the simulation
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = 1  # no spinning thread pool competing with the torch steps
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 def adaround_weight_params(
     folded: onnx.ModelProto,
     plan: QuantPlan,
@@ -302,7 +288,7 @@ def adaround_weight_params(
     for node, layer in zip(nodes, layers):
         if layer is None:  # unsupported geometry: nearest rounding (or the given base)
             w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-            axis = _weight_axis(node) if per_channel else None
+            axis = weight_axis(node) if per_channel else None
             params[node.name] = base_params[node.name] if node.name in base_params else quantize_weight(w, axis)
     active = [(n, lay) for n, lay in zip(nodes, layers) if lay is not None]
     if not active:
@@ -312,7 +298,8 @@ def adaround_weight_params(
     rng = np.random.default_rng(seed)
     graph_inputs = {i.name for i in graph.input}
     wanted = [n.output[0] for n, _ in active] + ([] if asymmetric else [n.input[0] for n, _ in active])
-    fp = _session(folded, [t for t in wanted if t not in graph_inputs])
+    # One ORT thread: no thread pool (spinning or not) competing with the torch steps.
+    fp, _ = probe_session(folded, [t for t in wanted if t not in graph_inputs], threads=1)
     picks: list[list[np.ndarray]] = [[] for _ in active]
     targets: list[list[torch.Tensor]] = [[] for _ in active]
     fp_rows: list[list[np.ndarray]] = [[] for _ in active]
@@ -340,7 +327,7 @@ def adaround_weight_params(
                 qnode = next((n for n in qdq.graph.node if n.name == node.name), None)
                 if qnode is None:
                     raise ConfigError(f"adaround: node {node.name!r} is missing from the lowered graph")
-                sess = _session(qdq, [qnode.input[0]])
+                sess, _ = probe_session(qdq, [qnode.input[0]], threads=1)
                 rows = [_rows(layer, sess.run([qnode.input[0]], input_feed(sess, x))[0], pick)
                         for x, pick in zip(batches, picks[k])]
                 del sess, qdq

@@ -12,12 +12,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import numpy_helper
 from rich.progress import Progress
 
 from edgeslim.quantize.lower import QuantPlan
 from edgeslim.runtime.ort import input_feed
+from edgeslim.runtime.probe import probe_session
 
 
 def _channel_means(x: np.ndarray, op_type: str) -> np.ndarray:
@@ -27,14 +27,8 @@ def _channel_means(x: np.ndarray, op_type: str) -> np.ndarray:
 
 
 def _output_means(model: onnx.ModelProto, names: list[str], ops: list[str], batches: Sequence) -> list[np.ndarray]:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the float simulation
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    """Per-channel mean of each tensor in ``names`` over ``batches`` (a QDQ graph runs as its float simulation)."""
+    sess, _ = probe_session(model, names)
     sums = [None] * len(names)
     for x in batches:
         outs = sess.run(names, input_feed(sess, x))

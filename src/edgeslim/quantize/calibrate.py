@@ -7,12 +7,12 @@ from typing import Iterable
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from edgeslim.errors import DataError, NumericalError
-from edgeslim.quantize.observers import make_observer
+from edgeslim.quantize.observers import ActivationObserver, MinMax, observer_spec
 from edgeslim.runtime.ort import input_feed
+from edgeslim.runtime.probe import probe_session
 from edgeslim.task import batch_len
 
 
@@ -21,33 +21,26 @@ def collect_ranges(
     tensors: list[str],
     batches: Iterable[np.ndarray | tuple[np.ndarray, ...]],
     *,
-    observer: str = "minmax",
+    observer: str | ActivationObserver = MinMax(),
     observer_options: dict | None = None,
     total: int | None = None,
     progress: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """Observe ``tensors`` of ``model`` over calibration ``batches``; return ``{name: (lo, hi)}``.
 
-    ``observer`` names the range estimator (minmax, moving_average, percentile, mse, kl);
-    ``observer_options`` go to it (dtype, symmetric, percentile).
+    ``observer`` is the range estimator, a value of :mod:`edgeslim.quantize.observers`
+    (``MinMax()``, ``Percentile(99.9)``, ...) or its recipe name (minmax, moving_average,
+    percentile, mse, kl; then ``observer_options`` may hold ``percentile``). The other
+    ``observer_options`` (axis, dtype, symmetric) configure each tensor's observer.
 
-    Every observed tensor becomes an extra graph output of a copy of the model; graph
-    optimizations are disabled so that the tensor names of the input graph still exist.
+    The tensors are read through a probe session (:func:`edgeslim.runtime.probe.probe_session`:
+    graph optimizations off, so the tensor names of the input graph still exist).
     """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in existing:
-            probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.intra_op_num_threads = os.cpu_count() or 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in session.get_outputs()]
-    wanted = {name: i for i, name in enumerate(out_names) if name in set(tensors)}
-    observers = {name: make_observer(observer, **(observer_options or {})) for name in wanted}
+    options = dict(observer_options or {})
+    if isinstance(observer, str):
+        observer = observer_spec(observer, options.pop("percentile", 99.99))
+    session, names = probe_session(model, tensors, threads=os.cpu_count() or 1)
+    observers = {name: observer.build(**options) for name in names}
 
     seen = 0
     with Progress(
@@ -56,9 +49,8 @@ def collect_ranges(
     ) as bar:
         task = bar.add_task("calibrate", total=total)
         for x in batches:
-            outs = session.run(None, input_feed(session, x))
-            for name, i in wanted.items():
-                observers[name].update(outs[i])
+            for name, out in zip(names, session.run(names, input_feed(session, x))):
+                observers[name].update(out)
             seen += batch_len(x)
             bar.update(task, advance=batch_len(x))
     if seen == 0:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from edgeslim.evaluate.metrics import sqnr_db
+from edgeslim.report.markdown import table_lines
 from edgeslim.runtime.ort import input_feed
+from edgeslim.runtime.probe import probe_session
 
 
 @dataclass(frozen=True)
@@ -50,24 +51,11 @@ class ParityReport:
         head = ("integer kernels match the simulation everywhere (within "
                 f"{self.tolerance} step on all but {self.max_mismatch:.0%} of elements)" if first is None else
                 f"first divergence: `{first.tensor}` from {first.producer} ({first.max_steps} steps)")
+        cells = [[t.tensor, t.producer, str(t.max_steps), f"{t.mismatch_fraction:.2%}",
+                  "–" if t.sqnr_db is None else f"{t.sqnr_db:.1f}"] for t in self.tensors]
         lines = ["# Quantization parity, layer by layer", "", head, "",
-                 "| tensor | produced by | max int diff | mismatching | SQNR vs float (dB) |", "|---|---|---|---|---|"]
-        for t in self.tensors:
-            sq = "–" if t.sqnr_db is None else f"{t.sqnr_db:.1f}"
-            lines.append(f"| {t.tensor} | {t.producer} | {t.max_steps} | {t.mismatch_fraction:.2%} | {sq} |")
+                 *table_lines(["tensor", "produced by", "max int diff", "mismatching", "SQNR vs float (dB)"], cells)]
         return "\n".join(lines) + "\n"
-
-
-def _session(model: onnx.ModelProto, outputs: list[str], level: ort.GraphOptimizationLevel) -> ort.InferenceSession:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in have)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = level
-    opts.intra_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def compare_layers(qdq: onnx.ModelProto, inputs, fp32: onnx.ModelProto | None = None, tolerance: int = 1,
@@ -77,15 +65,15 @@ def compare_layers(qdq: onnx.ModelProto, inputs, fp32: onnx.ModelProto | None = 
     names = [n.output[0] for n in quant]
     base = [name[: -len(".q")] for name in names]
     producers = {o: f"{n.op_type} {n.name}" for n in qdq.graph.node for o in n.output}
-    sim = _session(qdq, names, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    fused = _session(qdq, names, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    sim, _ = probe_session(qdq, names, threads=1)
+    fused, _ = probe_session(qdq, names, threads=1, optimization="all")
     a = sim.run(names, input_feed(sim, inputs))
     b = fused.run(names, input_feed(fused, inputs))
     float_values = {}
     if fp32 is not None:
         fp_names = {o for n in fp32.graph.node for o in n.output} | {i.name for i in fp32.graph.input}
         wanted = [n for n in base if n in fp_names]
-        fs = _session(fp32, wanted, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        fs, _ = probe_session(fp32, wanted, threads=1)
         float_values = dict(zip(wanted, fs.run(wanted, input_feed(fs, inputs))))
     zp_scale = {n.output[0]: (n.input[1], n.input[2]) for n in quant}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in qdq.graph.initializer}

@@ -40,17 +40,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Collection
 
-import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 
 from edgeslim.config import TechniqueConfig
-from edgeslim.quantize.embedding import quantize_embeddings
-from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError, ModelError
+from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.lower import quantize_weight
-from edgeslim.runtime.names import FreshNames
 from edgeslim.registry import register
+from edgeslim.runtime.graph_edit import NodeEditor, check_exclude, find_linear_sites, node_label, replace_nodes
 from edgeslim.task import ModelArtifact, Task
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
@@ -80,90 +78,6 @@ class DynamicInt8Config(TechniqueConfig):
                 raise ConfigError(f"ops: {op!r} is not supported (use {', '.join(SUPPORTED_OPS)})")
 
 
-@dataclass
-class LinearSite:
-    """A Linear-like node with a constant weight, in MatMul form: ``y = x @ weight (+ bias)``."""
-
-    index: int  # position in graph.node
-    node: onnx.NodeProto
-    weight: np.ndarray  # [K, N] float32: Gemm's transB undone and alpha folded in
-    bias: np.ndarray | None  # Gemm's beta * C (constant), any shape broadcastable to [M, N]
-
-
-def node_label(node: onnx.NodeProto, index: int) -> str:
-    """The node's name, or ``OpType_index`` when the exporter left it unnamed."""
-    return node.name or f"{node.op_type}_{index}"
-
-
-def check_exclude(graph: onnx.GraphProto, exclude: Collection[str], ops: Collection[str]) -> None:
-    """ConfigError when ``exclude`` names a node the graph does not have (listing the candidates)."""
-    names = {node_label(n, i) for i, n in enumerate(graph.node)}
-    for name in exclude:
-        if name not in names:
-            candidates = [node_label(n, i) for i, n in enumerate(graph.node) if n.op_type in ops]
-            shown = ", ".join(candidates[:12]) + (", ..." if len(candidates) > 12 else "")
-            raise ConfigError(f"exclude: no node named {name!r} in the exported graph "
-                              f"({'/'.join(ops)} nodes: {shown or 'none'})")
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _float_const(inits: dict[str, TensorProto], name: str, ndim: set[int] | None = None) -> np.ndarray | None:
-    init = inits.get(name)
-    if init is None or init.data_type != TensorProto.FLOAT or (ndim is not None and len(init.dims) not in ndim):
-        return None
-    return numpy_helper.to_array(init)
-
-
-def find_linear_sites(model: onnx.ModelProto, ops: Collection[str] = SUPPORTED_OPS,
-                      exclude: Collection[str] = ()) -> list[LinearSite]:
-    """MatMul / Gemm nodes whose B is a constant 2-D float initializer (a Linear layer's weight).
-
-    Gemm qualifies when ``transA == 0`` and C is absent or constant; its ``transB`` and ``alpha``
-    are folded into the weight and ``beta`` into the bias, so every site reads ``x @ W + b``.
-    """
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    sites: list[LinearSite] = []
-    for index, node in enumerate(graph.node):
-        if node.op_type not in ops or node.domain not in ("", "ai.onnx") or node_label(node, index) in exclude:
-            continue
-        if len(node.input) < 2 or node.input[0] in inits:
-            continue
-        w = _float_const(inits, node.input[1], {2})
-        if w is None:
-            continue
-        bias = None
-        if node.op_type == "Gemm":
-            a = _attrs(node)
-            if a.get("transA", 0):
-                continue
-            if len(node.input) > 2 and node.input[2]:
-                c = _float_const(inits, node.input[2])
-                if c is None:
-                    continue
-                bias = (np.float32(a.get("beta", 1.0)) * c).astype(np.float32)
-            w = w.T if a.get("transB", 0) else w
-            w = w * np.float32(a.get("alpha", 1.0))
-        sites.append(LinearSite(index, node, np.ascontiguousarray(w, dtype=np.float32), bias))
-    return sites
-
-
-class NewConstants:
-    """Initializers a rewrite adds, under fresh names; ``tensors`` goes to ``rebuild``."""
-
-    def __init__(self, fresh: FreshNames) -> None:
-        self.fresh = fresh
-        self.tensors: list[TensorProto] = []
-
-    def __call__(self, base: str, value: np.ndarray) -> str:
-        name = self.fresh(base)
-        self.tensors.append(numpy_helper.from_array(value, name))
-        return name
-
-
 def _dynamic_matmul_sites(graph: onnx.GraphProto, ops: Collection[str], exclude: Collection[str],
                           taken: set[int]) -> list[int]:
     """MatMuls with two run-time inputs (e.g. attention q @ k^T), for ``activation_matmuls``."""
@@ -183,35 +97,28 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 11:
         raise ModelError(f"dynamic int8 needs ONNX opset >= 11 (DynamicQuantizeLinear), the graph has opset {opset}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    check_exclude(graph, config.exclude, config.ops)
-    sites = {s.index: s for s in find_linear_sites(out, config.ops, config.exclude)}
+    check_exclude(model.graph, config.exclude, config.ops)
+    sites = {s.index: s for s in find_linear_sites(model, config.ops, config.exclude)}
     act_act = set()
     if config.activation_matmuls:
-        act_act = set(_dynamic_matmul_sites(graph, config.ops, config.exclude, set(sites)))
-    fresh = FreshNames(graph)
-    const = NewConstants(fresh)
+        act_act = set(_dynamic_matmul_sites(model.graph, config.ops, config.exclude, set(sites)))
 
     quantized: dict[str, tuple[str, str, str]] = {}  # float tensor -> its (q, scale, zero point)
 
-    def quantize_input(tensor: str, nodes: list[onnx.NodeProto]) -> tuple[str, str, str]:
+    def quantize_input(tensor: str, edit: NodeEditor) -> tuple[str, str, str]:
         # One DynamicQuantizeLinear per tensor, shared by all its quantized consumers (q/k/v).
         if tensor not in quantized:
-            q, s, z = fresh(f"{tensor}/q"), fresh(f"{tensor}/scale"), fresh(f"{tensor}/zp")
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [tensor], [q, s, z],
-                                          name=fresh(f"{tensor}/DynamicQuantize")))
+            q, s, z = edit.fresh(f"{tensor}/q"), edit.fresh(f"{tensor}/scale"), edit.fresh(f"{tensor}/zp")
+            edit.add("DynamicQuantizeLinear", [tensor], [q, s, z], f"{tensor}/DynamicQuantize")
             quantized[tensor] = (q, s, z)
         return quantized[tensor]
 
-    ordered: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
+    def replace(index: int, node: onnx.NodeProto, edit: NodeEditor) -> bool:
         if index not in sites and index not in act_act:
-            ordered.append(node)
-            continue
+            return False
+        fresh, const = edit.fresh, edit.const
         base = node_label(node, index)
-        x_q, x_s, x_z = quantize_input(node.input[0], ordered)
+        x_q, x_s, x_z = quantize_input(node.input[0], edit)
         if index in sites:
             site = sites[index]
             w_q, w_scale = quantize_weight(site.weight, axis=1 if config.per_channel else None)
@@ -219,22 +126,20 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
             scale_inputs = [x_s, const(f"{base}/W_scale", w_scale)]
             bias = site.bias
         else:
-            b_q, b_s, b_z = quantize_input(node.input[1], ordered)
+            b_q, b_s, b_z = quantize_input(node.input[1], edit)
             mm_inputs, scale_inputs, bias = [x_q, b_q, x_z, b_z], [x_s, b_s], None
         acc, acc_f, scale = fresh(f"{base}/acc_int32"), fresh(f"{base}/acc_float"), fresh(f"{base}/scale")
         y = node.output[0]
         y_mul = fresh(f"{base}/scaled") if bias is not None else y
-        ordered += [
-            helper.make_node("MatMulInteger", mm_inputs, [acc], name=fresh(f"{base}/MatMulInteger")),
-            helper.make_node("Cast", [acc], [acc_f], name=fresh(f"{base}/Cast"), to=TensorProto.FLOAT),
-            helper.make_node("Mul", scale_inputs, [scale], name=fresh(f"{base}/ScaleProduct")),
-            helper.make_node("Mul", [acc_f, scale], [y_mul], name=fresh(f"{base}/Rescale")),
-        ]
+        edit.add("MatMulInteger", mm_inputs, [acc], f"{base}/MatMulInteger")
+        edit.add("Cast", [acc], [acc_f], f"{base}/Cast", to=TensorProto.FLOAT)
+        edit.add("Mul", scale_inputs, [scale], f"{base}/ScaleProduct")
+        edit.add("Mul", [acc_f, scale], [y_mul], f"{base}/Rescale")
         if bias is not None:
-            b = const(f"{base}/bias", bias)
-            ordered.append(helper.make_node("Add", [y_mul, b], [y], name=fresh(f"{base}/Bias")))
+            edit.add("Add", [y_mul, const(f"{base}/bias", bias)], [y], f"{base}/Bias")
+        return True
 
-    rebuild(graph, ordered, const.tensors)
+    out = replace_nodes(model, replace)
     if config.embeddings:
         out = quantize_embeddings(out)
     return out

@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.calibrate import collect_ranges
+from edgeslim.quantize.observers import MinMax
 
 __all__ = ["equalize_cross_layer", "search_alpha", "smooth_quant"]
 
@@ -122,7 +123,7 @@ def _smooth_groups(model: onnx.ModelProto) -> list[tuple[str, list[onnx.NodeProt
 
 def _observe_maxima(model: onnx.ModelProto, groups: list, batches: Iterable, progress: bool) -> dict[str, np.ndarray]:
     """Per-channel ``max|X_j|`` over the last axis of every group input, on the float graph."""
-    ranges = collect_ranges(model, [x for x, _ in groups], batches, observer="minmax",
+    ranges = collect_ranges(model, [x for x, _ in groups], batches, observer=MinMax(),
                             observer_options={"axis": -1}, progress=progress)
     return {x: np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
             for x, (lo, hi) in ranges.items()}

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeslim.quantize.graph_edit import rebuild
+from edgeslim.runtime.graph_edit import rebuild
 
 
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeslim.quantize.graph_edit import rebuild
+from edgeslim.runtime.graph_edit import rebuild
 
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 # Ops whose output may reuse the input's quantization parameters (values are only moved).
@@ -184,9 +184,15 @@ def activation_params(lo: float, hi: float, dtype: str, symmetric: bool = False)
     return float(scale), zero_point
 
 
-def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 weights in [-127, 127]; per-channel along ``axis`` or per-tensor (None)."""
-    if axis is None:
+def quantize_weight(w: np.ndarray, axis: int | None, bound: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 weights in [-127, 127]; per-channel along ``axis`` or per-tensor (None).
+
+    The grid spans ``[-bound, bound]``, by default the weights' largest magnitude (per channel);
+    a smaller ``bound`` (float64, one per channel or a scalar) clips, e.g. at the MSE-optimal range.
+    """
+    if bound is not None:
+        absmax = bound
+    elif axis is None:
         absmax = np.array(np.abs(w).max(), dtype=np.float64)
     else:
         reduce = tuple(i for i in range(w.ndim) if i != axis)
@@ -199,7 +205,9 @@ def quantize_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.nda
     return q, scale
 
 
-def _weight_axis(node: onnx.NodeProto) -> int:
+def weight_axis(node: onnx.NodeProto) -> int:
+    """The output-channel axis of a Conv / Gemm / MatMul weight: one scale per entry along it
+    when weights are quantized per channel (Conv (C_out, C_in, ...): 0; MatMul B (K, N): 1)."""
     if node.op_type == "Conv":
         return 0
     if node.op_type == "Gemm":
@@ -259,7 +267,7 @@ def lower_qdq(
         node = graph.node[index]
         w_name = node.input[1]
         w = numpy_helper.to_array(inits[w_name]).astype(np.float32)
-        axis = _weight_axis(node) if per_channel else None
+        axis = weight_axis(node) if per_channel else None
         qw, w_scale = weight_params[node.name] if node.name in weight_params else quantize_weight(w, axis)
         if w_scale.ndim == 0:
             axis = None

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.evaluate.metrics import sqnr_db
+from edgeslim.evaluate.sensitivity import scan, sensitivity_markdown
 from edgeslim.errors import ConfigError
 from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.embedding import quantize_embeddings
@@ -73,16 +74,19 @@ class Evaluator:
 
     def sensitivity(self, names: list[str], build_one: Callable[[str], onnx.ModelProto], ref: np.ndarray,
                     base: float, precision: str, ops: list[str]) -> list[dict[str, Any]]:
-        """One row per layer: the metric and output SQNR with only that layer at low precision."""
-        rows = []
-        for i, (name, op) in enumerate(zip(names, ops)):
-            out = self.outputs(build_one(name))
+        """One row per layer: the metric and output SQNR with only that layer at low precision
+        (``build_one(name)``), against the float outputs ``ref`` and metric ``base``."""
+        def measure(layer: tuple[str, str], graph: onnx.ModelProto) -> dict[str, Any]:
+            out = self.outputs(graph)
             score = self.score(out)
-            rows.append({"layer": name, "op": op, "sqnr_db": sqnr_db(ref, out), "metric_alone": score,
-                         "drop_alone": score - base, "precision": precision})
-            console.print(f"  sensitivity {i + 1}/{len(names)} {name}: {self.task.metric_name} {score:.4f}, "
-                          f"SQNR {rows[-1]['sqnr_db']:.1f} dB")
-        return rows
+            return {"layer": layer[0], "op": layer[1], "sqnr_db": sqnr_db(ref, out), "metric_alone": score,
+                    "drop_alone": score - base, "precision": precision}
+
+        def log(i: int, row: dict[str, Any]) -> None:
+            console.print(f"  sensitivity {i + 1}/{len(names)} {row['layer']}: {self.task.metric_name} "
+                          f"{row['metric_alone']:.4f}, SQNR {row['sqnr_db']:.1f} dB")
+
+        return scan(list(zip(names, ops)), lambda layer: build_one(layer[0]), measure, on_row=log)
 
 
 def fewest_layers(rows: list[dict[str, Any]], build: Callable[[set[str]], onnx.ModelProto], ev: Evaluator,
@@ -123,13 +127,12 @@ def sensitivity_files(rows: list[dict[str, Any]], metric: str, base: float, scor
     """``sensitivity.md`` (the per-layer table: which layer broke) and ``sensitivity.json``."""
     summary = (f"fp32 {metric} {base:.4f}; mixed {score:.4f} (drop {base - score:+.4f}, budget {max_drop}); {kept}"
                + ("" if met else " — BUDGET NOT MET even with every layer raised"))
-    lines = [f"# Per-layer sensitivity ({metric})", "", summary, "",
-             f"| layer | op | SQNR dB (alone) | {metric} (alone) | drop | precision |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        layer = r["layer"] + (f" ({r['module']})" if r.get("module", r["layer"]) != r["layer"] else "")
-        lines.append(f"| {layer} | {r['op']} | {r['sqnr_db']:.1f} | {r['metric_alone']:.4f} | "
-                     f"{r['drop_alone']:+.4f} | {r['precision']} |")
-    return {"sensitivity.md": "\n".join(lines) + "\n",
+    headers = ["layer", "op", "SQNR dB (alone)", f"{metric} (alone)", "drop", "precision"]
+    cells = [[r["layer"] + (f" ({r['module']})" if r.get("module", r["layer"]) != r["layer"] else ""), r["op"],
+              f"{r['sqnr_db']:.1f}", f"{r['metric_alone']:.4f}", f"{r['drop_alone']:+.4f}", r["precision"]]
+             for r in rows]
+    table = sensitivity_markdown([f"# Per-layer sensitivity ({metric})", "", summary], headers, cells)
+    return {"sensitivity.md": table,
             "sensitivity.json": json.dumps({"fp32_metric": base, "mixed_metric": score, "budget": max_drop,
                                             "budget_met": met, "layers": rows}, indent=2, default=float)}
 
@@ -145,10 +148,10 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
     # ``fixed``: per-token by the user's choice (ptq.per_token), not searched
     full, fixed = plan_per_token(folded, ptq.per_token, exclude=ptq.exclude, op_types=ptq.op_types or None,
                                  activation_matmuls=ptq.activation_matmuls)
-    options = {"dtype": dtype, "symmetric": ptq.activation_symmetric, "percentile": ptq.percentile}
+    options = {"dtype": dtype, "symmetric": ptq.activation_symmetric}
     # Every planned tensor gets its own range: a tensor that borrows its input's range in the
     # full plan (after a MaxPool) needs one of its own once that input's layer returns to float.
-    ranges = collect_ranges(folded, full.tensors, batches, observer=ptq.observer, observer_options=options,
+    ranges = collect_ranges(folded, full.tensors, batches, observer=ptq.activation_observer, observer_options=options,
                             progress=ptq.progress)
     weights = mse_weight_params(folded, full, ptq.per_channel) if ptq.weight_observer == "mse" else None
     nodes = [folded.graph.node[i] for i in full.weighted]

@@ -5,11 +5,22 @@ never the tensors themselves, so calibration memory does not grow with the calib
 Each observer turns its summary into a range ``(lo, hi)``; ``activation_params`` in
 ``lower.py`` maps that range to a scale and zero point. Per-channel observers (``axis``) keep
 one summary per channel and return arrays.
+
+Which observer, with its parameters, is a small frozen value: ``MinMax()``, ``MovingAverage()``,
+``Percentile(99.99)``, ``MSE()``, ``KL()``; ``spec.build(axis=..., dtype=..., symmetric=...)``
+makes a fresh observer for one tensor. Recipes spell the choice as a name plus loose fields
+(``observer: percentile``, ``percentile: 99.9``); :func:`observer_spec` turns that spelling into
+the value (``PTQInt8Config.activation_observer`` does it for a config).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
 import numpy as np
+
+from edgeslim.errors import ConfigError
 
 BINS = 2048
 
@@ -209,20 +220,81 @@ class EntropyObserver(HistogramObserver):
         return (-best_t if lo < 0 else max(lo, 0.0), min(best_t, hi) if lo >= 0 else best_t)
 
 
-OBSERVERS = {
-    "minmax": MinMaxObserver,
-    "moving_average": MovingAverageMinMaxObserver,
-    "percentile": PercentileObserver,
-    "mse": MSEObserver,
-    "kl": EntropyObserver,
-}
+# ----------------------------------------------------------------------------- observer values
+@dataclass(frozen=True)
+class MinMax:
+    """Running min and max: the range covers every calibration value (the default)."""
+
+    name: ClassVar[str] = "minmax"
+
+    def build(self, axis: int | None = None, dtype: str = "int8", symmetric: bool = False) -> MinMaxObserver:
+        """A fresh observer for one tensor (``dtype``/``symmetric`` do not change a min/max)."""
+        return MinMaxObserver(axis)
+
+
+@dataclass(frozen=True)
+class MovingAverage:
+    """Exponential moving average of each batch's min and max (momentum 0.9 on the past)."""
+
+    name: ClassVar[str] = "moving_average"
+
+    def build(self, axis: int | None = None, dtype: str = "int8", symmetric: bool = False) -> MovingAverageMinMaxObserver:
+        """A fresh observer for one tensor (``dtype``/``symmetric`` do not change the averages)."""
+        return MovingAverageMinMaxObserver(axis)
+
+
+@dataclass(frozen=True)
+class Percentile:
+    """Clip to the ``percentile`` and ``100 - percentile`` quantiles of the values seen."""
+
+    percentile: float = 99.99
+    name: ClassVar[str] = "percentile"
+
+    def __post_init__(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile: must be in (50, 100], got {self.percentile}")
+
+    def build(self, axis: int | None = None, dtype: str = "int8", symmetric: bool = False) -> PercentileObserver:
+        """A fresh observer for one tensor, its histogram sized for ``dtype``."""
+        return PercentileObserver(axis, percentile=self.percentile, dtype=dtype, symmetric=symmetric)
+
+
+@dataclass(frozen=True)
+class MSE:
+    """The clipping range of least expected quantization error on the target integer grid."""
+
+    name: ClassVar[str] = "mse"
+
+    def build(self, axis: int | None = None, dtype: str = "int8", symmetric: bool = False) -> MSEObserver:
+        """A fresh observer for one tensor, scoring ranges on the ``dtype``/``symmetric`` grid."""
+        return MSEObserver(axis, dtype=dtype, symmetric=symmetric)
+
+
+@dataclass(frozen=True)
+class KL:
+    """The threshold of least KL divergence between the values and their quantized histogram (TensorRT)."""
+
+    name: ClassVar[str] = "kl"
+
+    def build(self, axis: int | None = None, dtype: str = "int8", symmetric: bool = False) -> EntropyObserver:
+        """A fresh observer for one tensor."""
+        return EntropyObserver(axis, dtype=dtype, symmetric=symmetric)
+
+
+ActivationObserver = Union[MinMax, MovingAverage, Percentile, MSE, KL]
+OBSERVER_VALUES = (MinMax, MovingAverage, Percentile, MSE, KL)
+OBSERVER_NAMES: dict[str, type] = {spec.name: spec for spec in OBSERVER_VALUES}
+
+
+def observer_spec(name: str, percentile: float = 99.99) -> ActivationObserver:
+    """The observer value a recipe spells by name: ``"percentile"`` with ``percentile=99.9`` is
+    ``Percentile(99.9)``; the other names take no parameter (``percentile`` is ignored for them)."""
+    if name not in OBSERVER_NAMES:
+        raise ConfigError(f"observer: {name!r} is not one of {', '.join(map(repr, OBSERVER_NAMES))}")
+    return Percentile(percentile) if name == "percentile" else OBSERVER_NAMES[name]()
 
 
 def make_observer(name: str, *, axis: int | None = None, dtype: str = "int8", symmetric: bool = False,
                   percentile: float = 99.99):
-    """An observer by recipe name, configured for the target integer type."""
-    if name == "percentile":
-        return PercentileObserver(axis, percentile=percentile, dtype=dtype, symmetric=symmetric)
-    if name in ("mse", "kl"):
-        return OBSERVERS[name](axis, dtype=dtype, symmetric=symmetric)
-    return OBSERVERS[name](axis)
+    """An observer by recipe name, configured for the target integer type (``observer_spec(...).build``)."""
+    return observer_spec(name, percentile).build(axis=axis, dtype=dtype, symmetric=symmetric)

@@ -29,13 +29,11 @@ from typing import Collection
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from edgeslim.errors import ConfigError
-from edgeslim.quantize.dynamic import NewConstants, find_linear_sites
-from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.quantize.lower import layer_name, quantize_weight
-from edgeslim.runtime.names import FreshNames
+from edgeslim.runtime.graph_edit import NodeEditor, find_linear_sites, replace_nodes
 
 __all__ = ["lower_per_token", "match_layers"]
 
@@ -65,28 +63,22 @@ def lower_per_token(model: onnx.ModelProto, layers: Collection[str], activation_
     ``activation_dtype`` is "uint8" (zero point 128) or "int8" (zero point 0)."""
     if activation_dtype not in ("uint8", "int8"):
         raise ConfigError(f"activation_dtype: per-token quantization needs uint8 or int8, got {activation_dtype!r}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    sites = {s.index: s for s in find_linear_sites(out) if layer_name(s.node) in layers}
+    sites = {s.index: s for s in find_linear_sites(model) if layer_name(s.node) in layers}
     missing = set(layers) - {layer_name(s.node) for s in sites.values()}
     if missing:
         raise ConfigError(f"per_token: layer {sorted(missing)[0]!r} is not a float MatMul/Gemm with a constant weight "
                           "in the graph")
-    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 13:
         raise ConfigError(f"per_token: needs ONNX opset >= 13 (per-axis QuantizeLinear), the graph has opset {opset}")
-    fresh = FreshNames(graph)
-    const = NewConstants(fresh)
     zp_dtype = np.uint8 if activation_dtype == "uint8" else np.int8
     zp_value = 128 if activation_dtype == "uint8" else 0
 
-    ordered: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
+    def replace(index: int, node: onnx.NodeProto, edit: NodeEditor) -> bool:
         site = sites.get(index)
         if site is None:
-            ordered.append(node)
-            continue
+            return False
+        fresh, const = edit.fresh, edit.const
         base = layer_name(node)
         k, n = site.weight.shape
         w_q, w_scale = quantize_weight(site.weight, axis=1)
@@ -95,7 +87,7 @@ def lower_per_token(model: onnx.ModelProto, layers: Collection[str], activation_
               "y2", "lead", "out_shape", "y")}
 
         def op(op_type: str, inputs: list[str], output: str, **attrs) -> None:
-            ordered.append(helper.make_node(op_type, inputs, [t[output]], name=fresh(f"{base}/pt_{op_type}"), **attrs))
+            edit.add(op_type, inputs, [t[output]], f"{base}/pt_{op_type}", **attrs)
 
         x = node.input[0]
         op("Shape", [x], "shape")
@@ -122,10 +114,10 @@ def lower_per_token(model: onnx.ModelProto, layers: Collection[str], activation_
         op("Concat", [t["lead"], const(f"{base}/pt_n", np.array([n], np.int64))], "out_shape", axis=0)
         y = node.output[0]
         if site.bias is None:
-            ordered.append(helper.make_node("Reshape", [t["y2"], t["out_shape"]], [y], name=fresh(f"{base}/pt_Reshape")))
+            edit.add("Reshape", [t["y2"], t["out_shape"]], [y], f"{base}/pt_Reshape")
         else:
             op("Reshape", [t["y2"], t["out_shape"]], "y")
-            ordered.append(helper.make_node("Add", [t["y"], const(f"{base}/bias", site.bias)], [y],
-                                            name=fresh(f"{base}/pt_Bias")))
-    rebuild(graph, ordered, const.tensors)
-    return out
+            edit.add("Add", [t["y"], const(f"{base}/bias", site.bias)], [y], f"{base}/pt_Bias")
+        return True
+
+    return replace_nodes(model, replace)

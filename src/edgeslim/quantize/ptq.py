@@ -8,7 +8,6 @@ from typing import Iterable, Literal
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError, ExportError
@@ -18,13 +17,16 @@ from edgeslim.quantize.calibrate import collect_ranges
 from edgeslim.quantize.debug import compare_layers
 from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.equalize import equalize_cross_layer, smooth_quant
-from edgeslim.quantize.observers import MSEObserver
+from edgeslim.quantize.observers import OBSERVER_VALUES, ActivationObserver, MSEObserver, Percentile, observer_spec
 from edgeslim.quantize.fold import fold_batchnorm
-from edgeslim.quantize.lower import QuantPlan, layer_name, lower_qdq, plan_quantization
+from edgeslim.quantize.lower import QuantPlan, layer_name, lower_qdq, plan_quantization, quantize_weight, weight_axis
 from edgeslim.quantize.per_token import lower_per_token, match_layers
 from edgeslim.registry import register
-from edgeslim.runtime.ort import input_feed
+from edgeslim.runtime.ort import input_feed, make_session
 from edgeslim.task import ModelArtifact, Task
+
+
+_DEFAULT_PERCENTILE = Percentile().percentile
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,12 @@ class PTQInt8Config(TechniqueConfig):
     """Static int8 PTQ: per-channel symmetric int8 weights, per-tensor activations, integer kernels.
 
     ``observer`` picks how activation ranges are estimated from calibration data (minmax,
-    moving_average, percentile, mse, kl); ``weight_observer`` "mse" clips each weight channel to
-    the range of least squared error instead of its max. ``bias_correction`` cancels the mean
+    moving_average, percentile, mse, kl) and ``percentile`` is the percentile observer's
+    parameter: together they spell one value, :attr:`activation_observer` (``observer="percentile",
+    percentile=99.9`` is ``Percentile(99.9)``), which calibration uses. Python callers may also
+    pass the value, ``observer=Percentile(99.9)``; it is stored in the recipe spelling.
+    ``weight_observer`` "mse" clips each weight channel to the range of least squared error
+    instead of its max. ``bias_correction`` cancels the mean
     output shift quantization causes; ``adaround`` learns each weight's rounding direction on the
     calibration set (Nagel et al. 2020). ``smoothquant_alpha`` migrates activation outliers of
     MatMul inputs into the weights (SmoothQuant, Xiao et al. 2023) and ``cross_layer_equalization``
@@ -56,7 +62,7 @@ class PTQInt8Config(TechniqueConfig):
     calibration_samples: int = 256
     batch_size: int = 32
     observer: Literal["minmax", "moving_average", "percentile", "mse", "kl"] = "minmax"
-    percentile: float = 99.99
+    percentile: float = _DEFAULT_PERCENTILE
     weight_observer: Literal["minmax", "mse"] = "minmax"
     activation_dtype: Literal["auto", "int8", "uint8"] = "auto"
     activation_symmetric: bool = False
@@ -76,6 +82,18 @@ class PTQInt8Config(TechniqueConfig):
     embeddings: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # observer=Percentile(99.9) -> observer="percentile", percentile=99.9: to_dict/from_dict
+        # and recipes keep one spelling, and the Literal check below sees a name.
+        if isinstance(self.observer, OBSERVER_VALUES):
+            spec = self.observer
+            object.__setattr__(self, "observer", spec.name)
+            if isinstance(spec, Percentile):
+                if self.percentile not in (_DEFAULT_PERCENTILE, spec.percentile):
+                    raise ConfigError(f"percentile: given twice, {self.percentile} and in observer={spec!r}")
+                object.__setattr__(self, "percentile", spec.percentile)
+        super().__post_init__()
+
     def validate(self) -> None:
         if self.calibration_samples < 1:
             raise ConfigError(f"calibration_samples: must be >= 1, got {self.calibration_samples}")
@@ -87,8 +105,12 @@ class PTQInt8Config(TechniqueConfig):
             raise ConfigError(f"adaround_iterations: must be >= 1, got {self.adaround_iterations}")
         if self.adaround_reg_weight < 0:
             raise ConfigError(f"adaround_reg_weight: must be >= 0, got {self.adaround_reg_weight}")
-        if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"percentile: must be in (50, 100], got {self.percentile}")
+        Percentile(self.percentile)  # its range check, whichever observer is chosen
+
+    @property
+    def activation_observer(self) -> ActivationObserver:
+        """The activation observer that ``observer`` and ``percentile`` spell, as a value."""
+        return observer_spec(self.observer, self.percentile)
 
 
 def resolve_activation_dtype(dtype: str) -> str:
@@ -117,9 +139,9 @@ def quantize_static(
     folded = prepare_float(fp32, batches, config)
     plan, per_token = plan_per_token(folded, config.per_token, exclude=config.exclude,
                                      op_types=config.op_types or None, activation_matmuls=config.activation_matmuls)
-    options = {"dtype": dtype, "symmetric": config.activation_symmetric, "percentile": config.percentile}
-    ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.observer, observer_options=options,
-                            total=total, progress=config.progress)
+    options = {"dtype": dtype, "symmetric": config.activation_symmetric}
+    ranges = collect_ranges(folded, plan.calibrated, batches, observer=config.activation_observer,
+                            observer_options=options, total=total, progress=config.progress)
     weights = mse_weight_params(folded, plan, config.per_channel) if config.weight_observer == "mse" else None
 
     if config.adaround:
@@ -164,24 +186,17 @@ def mse_weight_params(folded: onnx.ModelProto, plan, per_channel: bool) -> dict[
     """Per-channel symmetric int8 weights clipped at the MSE-optimal range of each channel."""
     from onnx import numpy_helper
 
-    from edgeslim.quantize.lower import _weight_axis
-
     inits = {i.name: i for i in folded.graph.initializer}
     out = {}
     for index in plan.weighted:
         node = folded.graph.node[index]
         w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        axis = _weight_axis(node) if per_channel else None
+        axis = weight_axis(node) if per_channel else None
         obs = MSEObserver(axis, symmetric=True)
         obs.update(w)
         lo, hi = obs.range()
         bound = np.maximum(np.abs(np.asarray(lo)), np.abs(np.asarray(hi)))
-        scale = (np.maximum(bound, 1e-12) / 127.0).astype(np.float32)
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
-        out[node.name] = (q, scale)
+        out[node.name] = quantize_weight(w, axis, bound)
     return out
 
 
@@ -190,12 +205,8 @@ def check_integer_parity(qdq: onnx.ModelProto, x: np.ndarray | tuple[np.ndarray,
     quantization). They may differ by requantization rounding, a few output steps at most; more
     means a fusion changed the math. Returns the max abs difference."""
     outs = []
-    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = level
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(qdq.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for level in ("disable", "all"):
+        sess = make_session(qdq, threads=1, optimization=level)
         outs.append(sess.run(None, input_feed(sess, x)))
     worst = 0.0
     for name, ref, got in zip([o.name for o in qdq.graph.output], outs[0], outs[1]):

@@ -40,14 +40,12 @@ import onnx
 from onnx import helper
 
 from edgeslim.config import TechniqueConfig
-from edgeslim.quantize.embedding import quantize_embeddings
-from edgeslim.quantize.graph_edit import rebuild
 from edgeslim.errors import ConfigError
-from edgeslim.quantize.dynamic import (
-    LinearSite, NewConstants, check_exclude, find_linear_sites, node_label,
-)
+from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.registry import register
-from edgeslim.runtime.names import FreshNames
+from edgeslim.runtime.graph_edit import (
+    LinearSite, NodeEditor, check_exclude, find_linear_sites, node_label, replace_nodes,
+)
 from edgeslim.task import ModelArtifact, Task
 
 SUPPORTED_BITS = (2, 4, 8)  # what onnxruntime's CPU MatMulNBits kernel runs (1.32)
@@ -219,11 +217,8 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
     Gemm becomes MatMulNBits with its ``beta * C`` as the kernel's bias when C has N elements,
     else MatMulNBits followed by Add. Checks every layer before rewriting any.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    check_exclude(graph, config.exclude, ("MatMul", "Gemm"))
-    sites = find_linear_sites(out, ("MatMul", "Gemm"), config.exclude)
+    check_exclude(model.graph, config.exclude, ("MatMul", "Gemm"))
+    sites = find_linear_sites(model, ("MatMul", "Gemm"), config.exclude)
     check_group_size(sites, config.group_size)
     labels = {node_label(s.node, s.index) for s in sites}
     unknown = sorted(set(config.layer_bits) - labels)
@@ -231,15 +226,12 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
         shown = ", ".join(sorted(labels)[:8]) + (", ..." if len(labels) > 8 else "")
         raise ConfigError(f"layer_bits: no quantizable MatMul/Gemm named {unknown[0]!r} (candidates: {shown})")
     by_index = {s.index: s for s in sites}
-    fresh = FreshNames(graph)
-    const = NewConstants(fresh)
 
-    ordered: list[onnx.NodeProto] = []
-    for index, node in enumerate(graph.node):
+    def replace(index: int, node: onnx.NodeProto, edit: NodeEditor) -> bool:
         site = by_index.get(index)
         if site is None:
-            ordered.append(node)
-            continue
+            return False
+        const = edit.const
         base = node_label(node, index)
         k, n = site.weight.shape
         bits = config.layer_bits.get(base, config.bits)
@@ -254,16 +246,16 @@ def quantize_weight_only_graph(model: onnx.ModelProto,
         while inputs[-1] == "":  # trailing empty optional inputs are dropped
             inputs.pop()
         y = node.output[0]
-        y_mm = fresh(f"{y}/nbits") if extra_add else y
+        y_mm = edit.fresh(f"{y}/nbits") if extra_add else y
         attrs = {"K": k, "N": n, "bits": bits, "block_size": config.group_size}
         if config.accuracy_level:
             attrs["accuracy_level"] = config.accuracy_level
-        ordered.append(helper.make_node("MatMulNBits", inputs, [y_mm], name=fresh(f"{base}/MatMulNBits"),
-                                        domain=MS_DOMAIN, **attrs))
+        edit.add("MatMulNBits", inputs, [y_mm], f"{base}/MatMulNBits", domain=MS_DOMAIN, **attrs)
         if extra_add:
-            ordered.append(helper.make_node("Add", [y_mm, extra_add], [y], name=fresh(f"{base}/Bias")))
+            edit.add("Add", [y_mm, extra_add], [y], f"{base}/Bias")
+        return True
 
-    rebuild(graph, ordered, const.tensors)
+    out = replace_nodes(model, replace)
     if sites and not any(o.domain == MS_DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if config.embeddings:

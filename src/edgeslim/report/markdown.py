@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 COLUMNS = [
     # (header, key, format)
@@ -54,11 +54,16 @@ def _rows(result, keys: tuple[str, ...] | None = None) -> tuple[list[str], list[
     return headers, rows
 
 
+def table_lines(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A markdown table as lines: the header row, the ``|---|`` rule, one line per row of cells."""
+    return (["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+            + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def markdown_table(result) -> str:
     """The run's ``report.md``: a table with one row per stage and the measuring conditions."""
     headers, rows = _rows(result)
-    lines = ["# edgeslim run", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines = ["# edgeslim run", "", *table_lines(headers, rows)]
     rt, mc = result.runtime, result.machine
     lines += [
         "",

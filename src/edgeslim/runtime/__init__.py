@@ -4,10 +4,12 @@ This subpackage imports ``torch`` only inside :func:`export_onnx` and :func:`den
 existing ONNX files stays light.
 """
 
-from edgeslim.runtime.bench import LatencyStats, benchmark_latency, compare_latency, denormals_flushed, peak_memory_bytes
+from edgeslim.runtime.bench import (LatencyStats, benchmark_latency, compare_latency, denormals_flushed, machine_info,
+                                    peak_memory_bytes)
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
 from edgeslim.runtime.ort import dummy_feed, input_feed, input_shapes, make_session, parse_shapes, predict, run, with_static_shapes
+from edgeslim.runtime.probe import probe_session
 from edgeslim.runtime.softmax import bound_softmax_inputs
 from edgeslim.runtime.stats import count_macs, count_params, op_histogram, size_bytes
 
@@ -27,11 +29,13 @@ __all__ = [
     "input_feed",
     "input_shapes",
     "inspect_optimized",
+    "machine_info",
     "make_session",
     "op_histogram",
     "parse_shapes",
     "peak_memory_bytes",
     "predict",
+    "probe_session",
     "report_graph",
     "run",
     "size_bytes",

@@ -7,7 +7,8 @@ very negative logits, whose denormal results cost ~10x on x86 (measured: ORT's S
 1x12x128x128 logits, 0.08 ms normal vs 0.9-2.1 ms with masked logits; 34% of int8 MiniLM's
 time at seq 128). ORT's ``session.set_denormal_as_zero`` only reaches its pool threads, and at
 1 intra-op thread ORT computes on the caller's thread, so the flag is also set there. Memory: measured in a fresh subprocess so the
-caller's heap (torch, data sets, other sessions) does not pollute the number.
+caller's heap (torch, data sets, other sessions) does not pollute the number. Every figure is
+reported with :func:`machine_info`, the machine and library versions it was measured with.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -29,7 +31,8 @@ import onnxruntime as ort
 from edgeslim.errors import RuntimeToolError
 from edgeslim.runtime.ort import first_line, input_feed, make_session
 
-__all__ = ["LatencyStats", "benchmark_latency", "compare_latency", "denormals_flushed", "peak_memory_bytes"]
+__all__ = ["LatencyStats", "benchmark_latency", "compare_latency", "denormals_flushed", "machine_info",
+           "peak_memory_bytes"]
 
 _MEMORY_TIMEOUT_S = 120
 
@@ -87,6 +90,21 @@ def denormals_flushed(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.set_flush_denormal(False)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on: platform, CPU model, core count and library versions
+    (the ``machine`` object of ``metrics.json`` and of every benchmark's JSON)."""
+    import torch  # only for its version; kept out of the module imports (see runtime/__init__)
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__}
 
 
 def _batch_size(feed: Mapping[str, np.ndarray]) -> int:

@@ -44,13 +44,15 @@ ORT_TO_NUMPY: dict[str, type] = {
 def make_session(
     model: onnx.ModelProto | str | Path | bytes,
     *,
-    threads: int = 1,
+    threads: int | None = 1,
     optimization: str = "all",
     optimized_model_path: str | Path | None = None,
     flush_denormals: bool = False,
 ) -> ort.InferenceSession:
     """Create a CPU ``InferenceSession`` with fixed threading for reproducible measurements.
 
+    ``threads`` is the intra-op thread count; None leaves ORT's default (one per physical core),
+    for sessions that read values rather than time them (see :mod:`edgeslim.runtime.probe`).
     ``optimized_model_path`` makes ORT write the graph it will actually execute (after fusions
     and layout changes), which :mod:`edgeslim.runtime.inspect` reads back. ``flush_denormals``
     sets ORT's ``session.set_denormal_as_zero`` (its pool threads; see runtime.bench for the caller's).
@@ -59,11 +61,12 @@ def make_session(
         raise RuntimeToolError(
             f"unknown optimization level {optimization!r}; use one of {', '.join(OPTIMIZATION_LEVELS)}"
         )
-    if not isinstance(threads, int) or threads < 1:
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise RuntimeToolError(f"threads must be a positive integer, got {threads!r}")
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from edgeslim.runtime.names import FreshNames
+from edgeslim.runtime.graph_edit import FreshNames
 
 __all__ = ["SOFTMAX_FLOOR", "bound_softmax_inputs"]
 

@@ -213,24 +213,18 @@ def _known_shapes(model: onnx.ModelProto) -> dict[str, list[int] | None]:
 def _run_shapes(model: onnx.ModelProto, names: list[str]) -> dict[str, list[int]]:
     """Actual shapes of ``names``: run the graph once in ORT on zero inputs of its (fixed) input shapes."""
     import numpy as np
-    import onnxruntime as ort
 
-    probe = copy.deepcopy(model)
-    have = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in dict.fromkeys(names) if n not in have)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    opts.log_severity_level = 3
+    from edgeslim.runtime.probe import probe_session  # ORT only when shape inference gave up
+
     try:
-        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        inits = {t.name for t in probe.graph.initializer}
+        sess, wanted = probe_session(model, names)
+        inits = {t.name for t in model.graph.initializer}
         feeds = {}
-        for inp in probe.graph.input:
+        for inp in model.graph.input:
             if inp.name in inits:
                 continue
             dtype = onnx.helper.tensor_dtype_to_np_dtype(inp.type.tensor_type.elem_type)
             feeds[inp.name] = np.zeros([d.dim_value for d in inp.type.tensor_type.shape.dim], dtype=dtype)
-        wanted = list(dict.fromkeys(names))
         return {n: list(a.shape) for n, a in zip(wanted, sess.run(wanted, feeds))}
     except Exception:  # best effort: the caller reports what stays unknown
         return {}
