@@ -237,7 +237,7 @@ def test_two_runs_into_one_folder_one_wins_the_other_fails_at_once(tmp_path):
 
 def _digests(out: Path) -> dict[str, str]:
     # metrics.json, report.md and pareto.png hold latencies (which vary); recipe.yaml its --out
-    other = {"metrics.json", "report.md", "pareto.png", "recipe.yaml"}
+    other = {"metrics.json", "report.md", "pareto.png", "recipe.yaml", RUN_MARKER}  # (the marker hashes those)
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(out.rglob("*")) if p.is_file() and p.name not in other}
 
@@ -262,3 +262,10 @@ def test_same_seed_same_bytes_in_fresh_processes(tmp_path):
     recipes = [yaml.safe_load((tmp_path / f"run{i}" / "recipe.yaml").read_text()) for i in (1, 2)]
     assert [r.pop("output") for r in recipes] == ["run1", "run2"] and recipes[0] == recipes[1]
     assert _untimed(tmp_path / "run1")[0] == 7
+    # and the deployable files carry no path of this machine (the exporter's stack traces would)
+    import edgeslim
+
+    checkout = os.fsencode(str(Path(edgeslim.__file__).resolve().parents[1]))
+    for onnx_file in (tmp_path / "run1").rglob("model.onnx"):
+        data = onnx_file.read_bytes()
+        assert checkout not in data and b"site-packages" not in data

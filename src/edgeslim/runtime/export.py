@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["export_onnx", "validate_outputs"]
+__all__ = ["export_onnx", "strip_stack_traces", "validate_outputs"]
 
 # The dynamo exporter logs progress and registry warnings (e.g. "torchvision is not installed")
 # through these loggers, and emits FutureWarnings from torch.export internals.
@@ -132,6 +132,33 @@ def _export_failure(model: "nn.Module", example_inputs: tuple, dynamic_shapes: o
             "with supported operations or register a custom ONNX function")
 
 
+_STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove the exporter's per-node Python stack traces (in place; returns ``proto``).
+
+    They hold absolute paths of the machine that exported the model (its home folder, its
+    checkout), which a deployable file must not carry to whoever receives it, and which make the
+    same model's bytes differ between two checkouts. The module scopes (``name_scopes``), which
+    map nodes to layers, are kept.
+    """
+    def strip(nodes) -> None:
+        for node in nodes:
+            kept = [p for p in node.metadata_props if p.key != _STACK_TRACE]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+            for attr in node.attribute:  # control-flow subgraphs
+                for g in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                    strip(g.node)
+
+    strip(proto.graph.node)
+    for fn in proto.functions:
+        strip(fn.node)
+    return proto
+
+
 def export_onnx(
     model: "nn.Module",
     example_inputs: tuple["torch.Tensor", ...],
@@ -211,6 +238,7 @@ def export_onnx(
 
     if dynamic_batch:
         _check_dynamic_batch(proto, cls)
+    strip_stack_traces(proto)
     if bound_softmax:
         proto = bound_softmax_inputs(proto)
     if validate:
