@@ -32,7 +32,8 @@ _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 # ------------------------------------------------------------------------------------- batching
-def _as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x float32, y int64 of shape (N,))`` from arrays or tensors; DataError when they do not pair up."""
     if y is None:
         raise DataError("labels y are required when x is an array (pass a DataLoader to omit y)")
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
@@ -44,7 +45,7 @@ def _as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.
     return xt, yt
 
 
-def _batches(
+def batches(
     x: ArrayLike | DataLoader, y: ArrayLike | None, batch_size: int, generator: torch.Generator | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches; shuffled with ``generator`` when one is given."""
@@ -52,7 +53,7 @@ def _batches(
         for xb, yb in x:
             yield xb.float(), yb.long()
         return
-    xt, yt = _as_tensors(x, y)
+    xt, yt = as_tensors(x, y)
     n = xt.shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
@@ -60,7 +61,8 @@ def _batches(
         yield xt[idx], yt[idx]
 
 
-def _num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
+def num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
+    """Batches per epoch (None for a loader without a length): the one-cycle schedule's step count."""
     if isinstance(x, DataLoader):
         try:
             return len(x)
@@ -69,7 +71,7 @@ def _num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
     return math.ceil(len(x) / batch_size)
 
 
-def _random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-k, k], filling with zeros."""
     if xb.dim() != 4:
         raise DataError(f"augment_shift: shifts images, needs batches shaped (N, C, H, W), got {tuple(xb.shape)}")
@@ -130,10 +132,10 @@ def train(
             f"epochs={epochs}, batch_size={batch_size}, lr={lr}, augment_shift={augment_shift}"
         )
     if not isinstance(x, DataLoader):
-        _as_tensors(x, y)  # validate once, before any work
+        as_tensors(x, y)  # validate once, before any work
     torch.manual_seed(seed)  # dropout and any other layer-level randomness
     gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
-    steps_per_epoch = _num_batches(x, batch_size)
+    steps_per_epoch = num_batches(x, batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DataError(f"train: {type(model).__name__} has no trainable parameters")
@@ -179,9 +181,9 @@ def _epochs(model, x, y, epochs, batch_size, gen, augment_shift, batch_loss, opt
             model.train()
             bar.reset(task, total=steps_per_epoch)
             seen, correct, loss_sum = 0, 0, 0.0
-            for i, (xb, yb) in enumerate(_batches(x, y, batch_size, gen)):
+            for i, (xb, yb) in enumerate(batches(x, y, batch_size, gen)):
                 if augment_shift:
-                    xb = _random_shift(xb, augment_shift, gen)
+                    xb = random_shift(xb, augment_shift, gen)
                 loss, logits = batch_loss(model, xb, yb)
                 check_loss(loss, f"epoch {epoch}, batch {i + 1}")
                 opt.zero_grad(set_to_none=True)
@@ -212,7 +214,7 @@ def evaluate_accuracy(
     model.eval()
     seen = correct = 0
     try:
-        for xb, yb in _batches(x, y, batch_size, None):
+        for xb, yb in batches(x, y, batch_size, None):
             correct += int((model(xb).argmax(1) == yb).sum())
             seen += yb.shape[0]
     finally:

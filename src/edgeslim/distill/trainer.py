@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from edgeslim.distill.losses import hint_loss, kd_loss, make_adapter
 from edgeslim.errors import ConfigError, DataError, ModelError, first_line
-from edgeslim.train import ArrayLike, _as_tensors, _random_shift, train
+from edgeslim.train import ArrayLike, as_tensors, random_shift, train
 
 
 class _Student(nn.Module):
@@ -59,7 +59,7 @@ def _example_batch(x: ArrayLike | DataLoader, y: ArrayLike | None, batch_size: i
         for xb, _ in x:
             return xb.float()
         raise DataError("distill: the data loader yielded no batches")
-    xt, _ = _as_tensors(x, y)
+    xt, _ = as_tensors(x, y)
     return xt[: max(1, min(batch_size, xt.shape[0]))]
 
 
@@ -126,7 +126,7 @@ def distill(
 
         xb = _example_batch(x, y, batch_size)
         if augment_shift:  # size adapters on the shapes training will see
-            xb = _random_shift(xb, augment_shift, torch.Generator().manual_seed(seed))
+            xb = random_shift(xb, augment_shift, torch.Generator().manual_seed(seed))
         student.eval()
         with torch.no_grad():
             try:

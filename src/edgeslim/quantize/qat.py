@@ -35,7 +35,7 @@ from edgeslim.quantize.ptq import resolve_activation_dtype
 from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, count_samples
-from edgeslim.train import _batches, _num_batches, check_loss
+from edgeslim.train import batches, check_loss, num_batches
 
 PARITY_MAX_STEPS = 4.0  # ExportError beyond this many output quantization steps
 
@@ -286,7 +286,7 @@ def set_epoch(qat: QATModel, epoch: int, config: QATConfig) -> None:
 
 
 # --------------------------------------------------------------------------------- train
-def _param_groups(qat: QATModel, lr: float) -> list[dict]:
+def param_groups(qat: QATModel, lr: float) -> list[dict]:
     """Weights at ``lr``; each step size at ``lr * s0 / w_ref``. Adam moves every parameter by
     about lr per step whatever its size, so a step size s0 ~ 1e-3 would jump by ~lr; this gives
     it the relative rate of a typical weight (w_ref = mean |folded weight|) instead."""
@@ -309,8 +309,8 @@ def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[in
     x, y = (data, None) if isinstance(data, torch.utils.data.DataLoader) else data
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(_param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
-    steps = (_num_batches(x, config.batch_size) or 1) * config.epochs
+    opt = torch.optim.AdamW(param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
+    steps = (num_batches(x, config.batch_size) or 1) * config.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_fn = nn.CrossEntropyLoss()
     console = Console(stderr=True, quiet=not config.progress)
@@ -318,7 +318,7 @@ def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[in
         set_epoch(qat, epoch, config)
         qat.module.train()
         seen, correct, loss_sum = 0, 0, 0.0
-        for i, (xb, yb) in enumerate(_batches(x, y, config.batch_size, gen)):
+        for i, (xb, yb) in enumerate(batches(x, y, config.batch_size, gen)):
             logits = qat.module(xb)
             loss = loss_fn(logits, yb)
             check_loss(loss, f"qat_int8 epoch {epoch + 1}, batch {i + 1}")

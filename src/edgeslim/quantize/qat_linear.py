@@ -157,11 +157,11 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
             source(*_inputs(x))
     _set(acts, wrapped, enabled=True)
 
-    from edgeslim.quantize.qat import QATModel, _param_groups, set_epoch  # qat imports this module lazily
+    from edgeslim.quantize.qat import QATModel, param_groups, set_epoch  # qat imports this module lazily
 
     qat = QATModel(source, source, plan, acts, {n: w.layer for n, w in wrapped.items()})
     torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(_param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
     steps = max(1, math.ceil(count_samples(data) / config.batch_size) * config.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     console = Console(stderr=True, quiet=not config.progress)
