@@ -1,4 +1,5 @@
-"""Deterministic training, accuracy evaluation and safe checkpoint I/O.
+"""Deterministic training, accuracy evaluation and safe checkpoint I/O; :class:`FineTune`, the
+settings of every step that fine-tunes.
 
 Training uses AdamW with a one-cycle schedule: it reaches good accuracy on the small benchmark
 sets in 2-3 epochs without per-model learning-rate tuning, which SGD+momentum needs.
@@ -11,6 +12,7 @@ import io
 import math
 import pickle
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader
 
+from edgeslim.config import Partial
 from edgeslim.errors import CheckpointError, DataError, NumericalError
 from edgeslim.io import write_bytes
 
@@ -29,6 +32,49 @@ ArrayLike = np.ndarray | torch.Tensor
 # Per-batch loss: (model, x batch, y batch) -> (scalar loss, logits used for the train accuracy).
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+@dataclass(frozen=True)
+class FineTune(Partial):
+    """How a step fine-tunes (``fine_tune: {epochs: 1, lr: 0.002}`` in a recipe): one value shared
+    by ``prune_magnitude``, ``prune_channels``, ``lowrank``, ``cluster``, ``distill`` and ``qat_int8``.
+
+    A field left unset (None) takes the step's own default: each step declares a complete
+    ``FineTune`` as its default (``distill``: 2 epochs at lr 1e-4, temperature 4), so
+    ``fine_tune: {epochs: 1}`` changes the epochs only. Ranges are checked once, by field name
+    (:data:`edgeslim.config.INT_RANGES`, :data:`~edgeslim.config.FLOAT_RANGES`); a step adds its
+    own rules (``distill`` needs ``temperature > 0``).
+
+    ``epochs`` (0 = no fine-tune), ``lr`` (AdamW, one-cycle peak), ``batch_size``, ``seed``
+    (shuffling, augmentation, dropout), ``augment_shift`` (shift each image by up to ±k pixels).
+    ``temperature > 0`` distils from the model entering the step (Hinton et al. 2015) with
+    ``alpha`` weighting the soft term; 0 trains on the labels. ``weight_decay`` (AdamW) applies to
+    the label fine-tune (temperature 0); the distillation loss runs without it. ``progress`` shows
+    the step's progress output (its training and its other long loops).
+    """
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    temperature: float | None = None
+    alpha: float | None = None
+    augment_shift: int | None = None
+    seed: int | None = None
+    progress: bool | None = None
+
+    @classmethod
+    def defaults(cls, **changes: object) -> "FineTune":
+        """Complete settings for a step's default: no fine-tune (epochs 0), lr 1e-3, batch 64, no
+        weight decay, labels (temperature 0, alpha 0.9 once it distils), no shift, seed 0, progress
+        shown; ``changes`` replace some of them (``FineTune.defaults(epochs=2, lr=1e-4)``)."""
+        base = cls(epochs=0, lr=1e-3, batch_size=64, weight_decay=0.0, temperature=0.0, alpha=0.9, augment_shift=0,
+                   seed=0, progress=True)
+        return cls(**changes).over(base)
+
+    def unset(self) -> list[str]:
+        """The fields still None (empty for the settings a config holds)."""
+        return [name for name, value in vars(self).items() if value is None]
 
 
 # ------------------------------------------------------------------------------------- batching

@@ -153,23 +153,24 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     _set(acts, wrapped, enabled=False, calibrating=True)
     _mode(source, acts, False)
     with torch.no_grad():
-        for x, _ in task.calibration_batches(config.batch_size, limit=config.calibration_samples):
+        for x, _ in task.calibration_batches(config.fine_tune.batch_size, limit=config.calibration_samples):
             source(*_inputs(x))
     _set(acts, wrapped, enabled=True)
 
     from edgeslim.quantize.qat import QATModel, param_groups, set_epoch  # qat imports this module lazily
 
     qat = QATModel(source, source, plan, acts, {n: w.layer for n, w in wrapped.items()})
-    torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
-    steps = max(1, math.ceil(count_samples(data) / config.batch_size) * config.epochs)
+    ft = config.fine_tune
+    torch.manual_seed(ft.seed)
+    opt = torch.optim.AdamW(param_groups(qat, ft.lr), lr=ft.lr, weight_decay=ft.weight_decay)
+    steps = max(1, math.ceil(count_samples(data) / ft.batch_size) * ft.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    console = Console(stderr=True, quiet=not config.progress)
-    for epoch in range(config.epochs):
+    console = Console(stderr=True, quiet=not ft.progress)
+    for epoch in range(ft.epochs):
         set_epoch(qat, epoch, config)
         _mode(source, acts, True)
         seen, loss_sum = 0, 0.0
-        for x, y in iter_batches(_shuffled(data, config.seed + epoch), config.batch_size):
+        for x, y in iter_batches(_shuffled(data, ft.seed + epoch), ft.batch_size):
             xs = _inputs(x)
             out = _first(source(*xs))
             if y is not None and np.asarray(y).ndim == 1 and np.asarray(y).dtype.kind in "iu":
@@ -187,8 +188,8 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
             loss_sum += float(loss.detach()) * len(xs[0])
         if seen == 0:
             raise DataError("qat_int8: the training data yielded no batches")
-        console.print(f"qat epoch {epoch + 1}/{config.epochs}  loss {loss_sum / seen:.6f}  ({seen} {data_name} samples)")
-    set_epoch(qat, config.epochs, config)
+        console.print(f"qat epoch {epoch + 1}/{ft.epochs}  loss {loss_sum / seen:.6f}  ({seen} {data_name} samples)")
+    set_epoch(qat, ft.epochs, config)
     _mode(source, acts, False)
 
     # Export: the trained float weights, lowered with the learned parameters, layer by layer.
@@ -235,6 +236,6 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     if per_token:
         graph = lower_per_token(graph, per_token, dtype)
     graph = quantize_embeddings(graph)  # int8 embedding rows, as ptq_int8 stores them
-    notes = {"qat_epochs": config.epochs, "qat_data": data_name, "qat_layers": len(wrapped),
+    notes = {"qat_epochs": config.fine_tune.epochs, "qat_data": data_name, "qat_layers": len(wrapped),
              "per_token_layers": sorted(per_token), "parity_max_abs_diff": diff, "parity_min_cosine": float(cos.min())}
     return ModelArtifact(torch=float_model, onnx=graph, notes=notes)
