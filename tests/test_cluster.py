@@ -14,6 +14,8 @@ from edgeslim.cluster.format import decode_state, encode_state, load_compressed,
 from edgeslim.cluster.kmeans import cluster_tensor, codebook, finalize, kmeans_1d, share_weights
 from edgeslim.cluster.technique import FILE_NAME, ClusterConfig, cluster_step
 from edgeslim.errors import CheckpointError, ConfigError, DataError
+from edgeslim.prune import masks_from_zeros
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import ModelArtifact, Task
 from edgeslim.train import FineTune
 
@@ -259,8 +261,9 @@ def test_technique_file_decodes_to_the_returned_model_and_keeps_pruned_zeros(ima
     pruned = _prune(small_cnn(), keep=0.5)
     config = ClusterConfig(conv_bits=4, fc_bits=3, exclude=("0",),
                            fine_tune=FineTune(epochs=1, lr=1e-3, progress=False))
-    out = cluster_step(ModelArtifact(pruned), config, _task(images, pruned))
-    assert out.size_file == FILE_NAME
+    sparsity = Sparsity(masks_from_zeros(pruned))  # what a prune_magnitude step would carry
+    out = cluster_step(ModelArtifact(pruned, sparsity=sparsity), config, _task(images, pruned))
+    assert out.size_file == FILE_NAME and out.sparsity is sparsity
     state = decode_state(out.files[FILE_NAME])
     assert all(torch.equal(state[k], v) for k, v in out.torch.state_dict().items())
     for name, bits in (("4", 4), ("7", 3)):

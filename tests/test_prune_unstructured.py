@@ -290,8 +290,9 @@ def test_gradual_kd_technique_keeps_the_sparsity_and_learns():
     out = prune_magnitude(ModelArtifact(task.model), config, task)
     assert layer_sparsity(out.torch) == pytest.approx({"1.weight": 0.8, "3.weight": 0.8, "5.weight": 0.5}, abs=1e-3)
     assert out.notes["sparsity"] == pytest.approx(sparsity_of(out.torch))
-    state = decode_sparse(out.files["weights.sparse"])
-    assert all(torch.equal(state[k], v) for k, v in out.torch.state_dict().items())
+    # the artifact carries the masks (the pipeline writes the sparse file from them, see below)
+    assert out.sparsity.index_bits == 5 and sorted(out.sparsity.masks) == ["1.weight", "3.weight", "5.weight"]
+    assert all(torch.equal(m, out.torch.state_dict()[k] != 0) for k, m in out.sparsity.masks.items())
 
 
 def test_pipeline_reports_the_sparse_file_as_size_then_distill_keeps_the_zeros(tmp_path):
@@ -310,6 +311,7 @@ def test_pipeline_reports_the_sparse_file_as_size_then_distill_keeps_the_zeros(t
     state = load_sparse(tmp_path / "run" / "02_distill" / "weights.sparse")
     for name in ("1.weight", "3.weight", "5.weight"):
         assert float((state[name] == 0).float().mean()) == pytest.approx(0.9, abs=1e-2)
+        assert torch.equal(state[name] == 0, load_sparse(folder / "weights.sparse")[name] == 0)  # the same zeros
     assert distilled["size_bytes"] == (tmp_path / "run" / "02_distill" / "weights.sparse").stat().st_size
     assert not torch.equal(state["1.weight"], load_sparse(folder / "weights.sparse")["1.weight"])
 
@@ -344,5 +346,5 @@ def test_nm_technique_prunes_half_of_every_group_and_stores_it_exactly():
         if name.endswith("weight"):
             assert bool(((p.reshape(-1, 4) != 0).sum(1) <= 2).all()), name
     assert out.notes["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert all(torch.equal(a, b) for a, b in zip(out.torch.state_dict().values(),
-                                                 decode_sparse(out.files["weights.sparse"]).values()))
+    data = encode_sparse(out.torch, index_bits=out.sparsity.index_bits)
+    assert all(torch.equal(a, b) for a, b in zip(out.torch.state_dict().values(), decode_sparse(data).values()))

@@ -1,11 +1,12 @@
 """The ``cluster`` technique: weight sharing with a Huffman-coded compact file (Deep Compression).
 
 Each selected Linear/Conv weight is clustered by k-means over its nonzero entries (pruned zeros
-stay zero), the codebooks are fine-tuned with shared gradients on ``task.train`` (optionally with
-knowledge distillation from the model entering the step), and the result is written in the
-format of :mod:`edgeslim.cluster.format`. The stage's ``size_bytes`` is that file's size; the
-module it returns holds plain float32 weights equal to the codebook values, so its ONNX export
-is a dense float graph (no speedup: the gain is storage).
+stay zero; the layers left unclustered keep the zeros of ``artifact.sparsity``), the codebooks
+are fine-tuned with shared gradients on ``task.train`` (optionally with knowledge distillation
+from the model entering the step), and the result is written in the format of
+:mod:`edgeslim.cluster.format`. The stage's ``size_bytes`` is that file's size; the module it
+returns holds plain float32 weights equal to the codebook values, so its ONNX export is a dense
+float graph (no speedup: the gain is storage).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from edgeslim.cluster.format import encode_state
 from edgeslim.cluster.kmeans import check_bits, clusterable_layers, finalize, share_weights
 from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError
-from edgeslim.prune.unstructured import mask_keeper, masks_from_zeros, resolve_names
+from edgeslim.prune.unstructured import resolve_names
 from edgeslim.registry import register
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import ModelArtifact, Task, count_samples
 from edgeslim.train import FineTune
 
@@ -102,15 +104,16 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int, int | None]], config: ClusterConfig,
+def _fine_tune(student: nn.Module, teacher: nn.Module, sparsity: Sparsity | None, config: ClusterConfig,
                task: Task) -> None:
-    """Train the codebooks (and the unshared parameters) on ``task.train``; pruned zeros of layers
-    that are not clustered are kept at zero after every step."""
+    """Train the codebooks (and the unshared parameters) on ``task.train``. The pruned zeros of
+    ``sparsity`` are kept: in a clustered layer by its shared-weight parametrization (zeros are not
+    clustered), in the others by the fine-tune, which re-applies their masks after every step."""
     from edgeslim.distill.trainer import fine_tune
 
-    keep = mask_keeper(masks_from_zeros(student, [n for n in clusterable_layers(student) if n not in plan]))
+    keep = sparsity.restricted_to(student) if sparsity is not None else None  # leaves out the parametrized
     with frozen_batchnorm(student):
-        fine_tune(student, teacher, config.fine_tune, task.train, after_step=keep)
+        fine_tune(student, teacher, config.fine_tune, task.train, keep=keep)
 
 
 @register("cluster", ClusterConfig)
@@ -125,7 +128,7 @@ def cluster_step(model: ModelArtifact, config: ClusterConfig, task: Task) -> Mod
     share_weights(student, {name: bits for name, (bits, _) in plan.items()})
     try:
         if config.fine_tune.epochs:
-            _fine_tune(student, teacher, plan, config, task)
+            _fine_tune(student, teacher, model.sparsity, config, task)
     finally:
         finalize(student)
     # the same weights in the copy made before clustering: parameters keep their registration
@@ -136,4 +139,5 @@ def cluster_step(model: ModelArtifact, config: ClusterConfig, task: Task) -> Mod
     notes = {**model.notes, "cluster": {"bits": {n: b for n, (b, _) in plan.items()}, "file_bytes": len(data),
                                         "fine_tune_epochs": config.fine_tune.epochs}}
     files = {k: v for k, v in model.files.items() if k != model.size_file} | {FILE_NAME: data}
-    return ModelArtifact(torch=student.eval(), notes=notes, files=files, size_file=FILE_NAME)
+    # the sparsity carries on (its zeros are zeros of the codebook file too); this stage's size is that file
+    return ModelArtifact(torch=student.eval(), notes=notes, files=files, size_file=FILE_NAME, sparsity=model.sparsity)

@@ -43,17 +43,10 @@ def distill_step(model: ModelArtifact, config: DistillConfig, task: Task) -> Mod
     """Knowledge-distillation fine-tune: a copy of the model learns from the model's soft targets."""
     if task.train is None or count_samples(task.train) == 0:
         raise ConfigError("distill: knowledge distillation needs training data (task.train is empty)")
-    from edgeslim.prune.magnitude_technique import (  # lazy: prune imports distill
-        pruned_masks,
-        repack_sparse,
-    )
-    from edgeslim.prune.unstructured import mask_keeper
-
     teacher = model.float_copy("distill")
     student = copy.deepcopy(teacher)
-    masks = pruned_masks(model)  # a pruning step before this one: keep its zeros through the fine-tune
     ft = config.fine_tune
-    student = fine_tune(student, teacher, ft, task.train, after_step=None if masks is None else mask_keeper(masks))
+    # an earlier pruning step's zeros stay zero through the fine-tune (and the stage's sparse file)
+    student = fine_tune(student, teacher, ft, task.train, keep=model.sparsity)
     notes = {**model.notes, "distill": {"temperature": ft.temperature, "alpha": ft.alpha, "epochs": ft.epochs}}
-    out = ModelArtifact(torch=student, notes=notes, files=dict(model.files))
-    return out if masks is None else repack_sparse(out)  # the sparse file must hold the new weights
+    return ModelArtifact(torch=student, notes=notes, files=dict(model.files), sparsity=model.sparsity)

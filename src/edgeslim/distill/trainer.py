@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from edgeslim.distill.losses import hint_loss, kd_loss, make_adapter
 from edgeslim.errors import ConfigError, DataError, ModelError, first_line
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import Data
 from edgeslim.train import ArrayLike, FineTune, as_tensors, random_shift, train
 
@@ -183,12 +184,13 @@ def _make_batch_loss(
 
 def fine_tune(student: nn.Module, teacher: nn.Module | None, settings: FineTune, data: Data, *,
               epochs: int | None = None, lr: float | None = None,
-              after_step: Callable[[nn.Module], None] | None = None) -> nn.Module:
+              after_step: Callable[[nn.Module], None] | None = None, keep: Sparsity | None = None) -> nn.Module:
     """The fine-tune every lossy step shares, as ``settings`` says: ``temperature > 0`` distils from
     ``teacher`` (Hinton KD with ``alpha``), 0 trains on the labels with cross-entropy (and
     ``weight_decay``). ``epochs`` and ``lr`` override the settings' (a final or per-round
-    fine-tune); ``data`` is a DataLoader or an ``(x, y)`` pair; ``after_step(student)`` runs after
-    every optimizer step.
+    fine-tune); ``data`` is a DataLoader or an ``(x, y)`` pair. After every optimizer step
+    ``after_step(student)`` runs, then the pruned weights of ``keep`` (the sparsity of the model
+    entering the step, ``artifact.sparsity``) are zeroed again, so no fine-tune regrows them.
 
     With distillation, ``augment_shift`` > 0 shows teacher and student the same randomly shifted
     images ("function matching", Beyer et al. 2022): the student learns the teacher's function on
@@ -199,9 +201,23 @@ def fine_tune(student: nn.Module, teacher: nn.Module | None, settings: FineTune,
     x, y = (data, None) if not isinstance(data, (tuple, list)) else data
     common = {"epochs": settings.epochs if epochs is None else epochs, "lr": settings.lr if lr is None else lr,
               "batch_size": settings.batch_size, "seed": settings.seed, "progress": settings.progress,
-              "after_step": after_step, "augment_shift": settings.augment_shift}
+              "after_step": _then(after_step, None if keep is None else keep.keeper()),
+              "augment_shift": settings.augment_shift}
     if settings.temperature > 0:
         if teacher is None:
             raise ConfigError("fine_tune.temperature: distillation needs a teacher model")
         return distill(student, teacher, x, y, temperature=settings.temperature, alpha=settings.alpha, **common)
     return train(student, x, y, weight_decay=settings.weight_decay, **common)
+
+
+def _then(first: Callable[[nn.Module], None] | None,
+          second: Callable[[nn.Module], None] | None) -> Callable[[nn.Module], None] | None:
+    """One ``after_step`` running ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(model: nn.Module) -> None:
+        first(model)
+        second(model)
+
+    return both

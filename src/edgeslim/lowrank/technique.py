@@ -4,6 +4,10 @@ Per layer: choose ranks from the weight's spectrum (:mod:`edgeslim.lowrank.rank`
 (truncated SVD for Linear and 1x1 convs, Tucker-2 for k x k convs), and keep the layer unchanged
 when the factors would not be smaller than it (the note says why). The plan is computed for every
 layer before any module is replaced, so bad ranks fail fast.
+
+The sparsity of an earlier pruning step (``artifact.sparsity``) is carried for the layers left
+unfactorized (kept through the fine-tune) and dropped for the factorized ones, whose dense
+factors replace the pruned weight.
 """
 
 from __future__ import annotations
@@ -283,12 +287,13 @@ def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArt
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans[:3]) or "no Linear or Conv2d layer selected"
         raise ConfigError(f"lowrank: no layer would shrink at these settings ({reasons})")
     student = apply_plan(teacher, plans)
+    sparsity = model.sparsity.restricted_to(student) if model.sparsity is not None else None
     if ft.epochs > 0:
-        student = fine_tune(student, teacher, ft, task.train)
+        student = fine_tune(student, teacher, ft, task.train, keep=sparsity)
     before, after = sum(p.params_before for p in plans), sum(p.params_after for p in plans)
     notes = {**model.notes, "lowrank": {
         "method": config.method, "rank_by": config.rank_by, "layers": {p.name: p.to_note() for p in plans},
         "factorized": len(done), "kept": len(plans) - len(done), "params_before": before, "params_after": after,
         "fine_tune_epochs": ft.epochs,
     } | ({"latency": latency_note} if latency_note else {})}
-    return ModelArtifact(torch=student.eval(), notes=notes, files=dict(model.files))
+    return ModelArtifact(torch=student.eval(), notes=notes, files=dict(model.files), sparsity=sparsity)

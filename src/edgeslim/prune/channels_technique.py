@@ -3,6 +3,10 @@ optional fine-tune (plain, or knowledge distillation from the model entering the
 
 The result is a smaller dense network (fewer channels per layer), so the speedup shows on any
 runtime without sparse kernels. See :mod:`edgeslim.prune.graph` for what is coupled.
+
+The sparsity of an earlier unstructured step (``artifact.sparsity``) is carried for the weights
+this step leaves whole (same name and shape: kept through the fine-tune) and dropped for the
+weights it cuts (their remaining zeros may regrow): prune channels first for both to hold.
 """
 
 from __future__ import annotations
@@ -112,8 +116,9 @@ def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task
                          "(every channel feeds the output or an op kept whole)")
     if (config.ratio > 0 or config.overrides) and not channel_counts(graph, keep):
         raise ConfigError(f"ratio: {config.ratio} removes no channel (groups too small for round_to={config.round_to}?)")
+    sparsity = model.sparsity.restricted_to(pruned) if model.sparsity is not None else None
     if ft.epochs > 0:
-        pruned = fine_tune(pruned, source, ft, task.train)
+        pruned = fine_tune(pruned, source, ft, task.train, keep=sparsity)
     macs_after = dict(build_graph(copy.deepcopy(pruned), example).macs)
     notes = {**model.notes, "prune_channels": {
         "ratio": config.ratio, "scope": config.scope, "importance": config.importance,
@@ -122,4 +127,4 @@ def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task
         "macs_before": sum(graph.macs.values()), "macs_after": sum(macs_after.values()),
         "fine_tune": {"epochs": ft.epochs, "temperature": ft.temperature} if ft.epochs else None,
     }}
-    return ModelArtifact(torch=pruned.eval(), notes=notes, files=dict(model.files))
+    return ModelArtifact(torch=pruned.eval(), notes=notes, files=dict(model.files), sparsity=sparsity)

@@ -2,7 +2,9 @@
 an optional (distillation) fine-tune; the stage's size is its measured sparse file.
 
 Unstructured zeros do not make ONNX Runtime's dense kernels faster; the gain is the compact
-file (:mod:`edgeslim.prune.sparse`), which the stage reports as its ``size_bytes``.
+file (:mod:`edgeslim.prune.sparse`), which the stage reports as its ``size_bytes``. The step sets
+``artifact.sparsity`` (its masks and ``index_bits``): later steps keep the zeros, and the pipeline
+writes the sparse file of this stage and of every later one that carries them.
 """
 
 from __future__ import annotations
@@ -18,25 +20,20 @@ from torch import nn
 from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError
 from edgeslim.prune.schedule import GradualPruner, iterative_prune
-from edgeslim.prune.sparse import encode_sparse
 from edgeslim.prune.unstructured import (
     Masks,
     apply_masks,
     layer_sparsity,
     magnitude_masks,
     mask_keeper,
-    masks_from_zeros,
     nm_masks,
     resolve_names,
     sparsity_of,
 )
 from edgeslim.registry import register
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import ModelArtifact, Task, count_samples
 from edgeslim.train import FineTune
-
-SPARSE_FILE = "weights.sparse"
-NOTE_LAYERS = "prune_layers"  # notes key: the weight names holding pruned zeros (JSON-friendly)
-NOTE_BITS = "prune_index_bits"  # notes key: index_bits of the sparse file
 
 
 @dataclass(frozen=True)
@@ -163,24 +160,8 @@ def prune_magnitude(model: ModelArtifact, config: PruneMagnitudeConfig, task: Ta
     base = model.float_copy("prune_magnitude")
     pruned, masks = prune_model(base, config, task)
     kept = sum(int(m.sum()) for m in masks.values())
-    notes = {**model.notes, NOTE_LAYERS: sorted(masks), "sparsity": round(sparsity_of(pruned), 6),
-             "layer_sparsity": {k: round(v, 6) for k, v in layer_sparsity(pruned).items()},
-             "kept_weights": kept, NOTE_BITS: config.index_bits}
-    files = {**model.files, SPARSE_FILE: encode_sparse(pruned, index_bits=config.index_bits)}
-    return ModelArtifact(torch=pruned, notes=notes, files=files, size_file=SPARSE_FILE)
-
-
-def pruned_masks(model: ModelArtifact) -> Masks | None:
-    """The masks of a model a pruning step made (its zeros, for the layers it noted); None if unpruned.
-
-    Later weight-changing steps (``distill``) keep these zeros with ``mask_keeper``."""
-    names = model.notes.get(NOTE_LAYERS)
-    return masks_from_zeros(model.torch, names) if names else None
-
-
-def repack_sparse(artifact: ModelArtifact) -> ModelArtifact:
-    """Re-encode the sparse file of a pruned model whose weights a later step changed (in place)."""
-    bits = int(artifact.notes.get(NOTE_BITS, 5))
-    artifact.files = {**artifact.files, SPARSE_FILE: encode_sparse(artifact.torch, index_bits=bits)}
-    artifact.size_file = SPARSE_FILE
-    return artifact
+    notes = {**model.notes, "sparsity": round(sparsity_of(pruned), 6),
+             "layer_sparsity": {k: round(v, 6) for k, v in layer_sparsity(pruned).items()}, "kept_weights": kept}
+    # these masks replace any earlier step's: they are the zeros of the model this step returns
+    return ModelArtifact(torch=pruned, notes=notes, files=dict(model.files),
+                         sparsity=Sparsity(masks, index_bits=config.index_bits))

@@ -399,7 +399,10 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
     qat = prepare_qat(model.torch, task, config)
     size = min(config.fine_tune.batch_size, config.calibration_samples)
     samples = calibrate_qat(qat, (x for x, _ in task.calibration_batches(size, limit=config.calibration_samples)))
-    train_qat(qat, task.train, config, after_step=_mask_keeper(model, qat))
+    keep = model.sparsity.keeper() if model.sparsity is not None else None  # a pruned model must not regrow
+    # the fake-quant layers wrap the very modules of qat.source, whose parameter names are the
+    # model's; a zero weight quantizes to the integer 0 (symmetric grid): the int8 graph stays sparse
+    train_qat(qat, task.train, config, after_step=None if keep is None else (lambda: keep(qat.source)))
     float_model, qdq = convert_qat(qat, task, config.activation_dtype)
     diff, step = integer_parity(qat, qdq, next(x for x, _ in task.calibration_batches(32)))
     if diff > PARITY_MAX_STEPS * step + 1e-6:
@@ -407,30 +410,7 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
                           f"(> {PARITY_MAX_STEPS:g} output steps of {step:.3g})")
     notes = {"qat_epochs": config.fine_tune.epochs, "calibration_samples": samples, "parity_max_abs_diff": diff,
              "parity_output_steps": diff / step}
-    return ModelArtifact(torch=float_model, onnx=qdq, notes=notes), qat
-
-
-def _mask_keeper(model: ModelArtifact, qat: QATModel) -> Callable[[], None] | None:
-    """After a pruning step: re-zero the pruned weights of the QAT model after each step (QAT on a
-    pruned model must not regrow them). The fake-quant layers wrap the very modules of
-    ``qat.source``, so the masks apply to its parameters by their original names; a zero weight
-    quantizes to the integer 0 (symmetric weight grid), so the exported graph keeps the sparsity."""
-    from edgeslim.prune.magnitude_technique import pruned_masks
-
-    masks = pruned_masks(model)
-    if not masks:
-        return None
-    params = dict(qat.source.named_parameters())
-    missing = sorted(set(masks) - set(params))
-    if missing:
-        raise ModelError(f"qat_int8: pruned layer {missing[0]!r} is not a parameter of the model entering QAT")
-    pairs = [(params[name], mask) for name, mask in masks.items()]
-
-    def keep() -> None:
-        for p, mask in pairs:
-            p.mul_(mask.to(p.dtype))
-
-    return keep
+    return ModelArtifact(torch=float_model, onnx=qdq, notes=notes, sparsity=model.sparsity), qat
 
 
 @register("qat_int8", QATConfig)

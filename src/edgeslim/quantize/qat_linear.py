@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token
 from edgeslim.quantize.ptq import plan_per_token, resolve_activation_dtype
 from edgeslim.runtime.ort import make_session, run
+from edgeslim.sparsity import Sparsity, mask_keeper
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
 from edgeslim.train import check_loss
 
@@ -135,6 +137,19 @@ def _unwrapped(source: nn.Module, wrapped: dict[str, QuantLinear]) -> nn.Module:
     return model.eval()
 
 
+def _keeper(sparsity: Sparsity | None, wrapped: dict[str, QuantLinear]) -> Callable[[nn.Module], None] | None:
+    """``artifact.sparsity``'s keeper for the wrapped model: a wrapped Linear's weight is
+    ``<layer>.layer.op.weight`` there (the float model after training has the original names)."""
+    if sparsity is None:
+        return None
+
+    def renamed(name: str) -> str:
+        module, _, leaf = name.rpartition(".")
+        return f"{module}.layer.op.{leaf}" if module in wrapped else name
+
+    return mask_keeper({renamed(n): m for n, m in sparsity.masks.items()})
+
+
 def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     """QAT of the Linear layers ``config.op_types`` selects; see the module docstring."""
     for op in config.op_types:
@@ -160,6 +175,7 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     from edgeslim.quantize.qat import QATModel, param_groups, set_epoch  # qat imports this module lazily
 
     qat = QATModel(source, source, plan, acts, {n: w.layer for n, w in wrapped.items()})
+    keep = _keeper(model.sparsity, wrapped)
     ft = config.fine_tune
     torch.manual_seed(ft.seed)
     opt = torch.optim.AdamW(param_groups(qat, ft.lr), lr=ft.lr, weight_decay=ft.weight_decay)
@@ -183,6 +199,8 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if keep is not None:
+                keep(source)
             sched.step()
             seen += len(xs[0])
             loss_sum += float(loss.detach()) * len(xs[0])
@@ -238,4 +256,4 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     graph = quantize_embeddings(graph)  # int8 embedding rows, as ptq_int8 stores them
     notes = {"qat_epochs": config.fine_tune.epochs, "qat_data": data_name, "qat_layers": len(wrapped),
              "per_token_layers": sorted(per_token), "parity_max_abs_diff": diff, "parity_min_cosine": float(cos.min())}
-    return ModelArtifact(torch=float_model, onnx=graph, notes=notes)
+    return ModelArtifact(torch=float_model, onnx=graph, notes=notes, sparsity=model.sparsity)
