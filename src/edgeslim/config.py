@@ -55,7 +55,9 @@ class Partial(Checked):
     and takes the value of the enclosing config's default for that settings field. So
     ``DistillConfig(fine_tune=FineTune(epochs=1))`` and the recipe ``fine_tune: {epochs: 1}`` change
     the epochs only, keeping distill's own learning rate and temperature, and the config stores
-    the complete settings (see :func:`check_fields`)."""
+    the complete settings (see :func:`check_fields`). To change one field of a config you hold,
+    replace it in that config's settings: ``replace(cfg, fine_tune=replace(cfg.fine_tune, epochs=0))``
+    (a partial ``FineTune`` is completed from the class default, not from ``cfg``)."""
 
     def over(self, base: "Partial") -> "Partial":
         """These settings with every unset (None) field taken from ``base``."""

@@ -12,6 +12,7 @@ import io
 import math
 import pickle
 from collections.abc import Callable, Iterator, Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class FineTune(Partial):
 
     def unset(self) -> list[str]:
         """The fields still None (empty for the settings a config holds)."""
-        return [name for name, value in vars(self).items() if value is None]
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]
 
 
 # ------------------------------------------------------------------------------------- batching
