@@ -113,11 +113,13 @@ def cluster(name: str, pruned, split, epochs: int, lr: float, temperature: float
 
     from edgeslim.cluster import ClusterConfig, cluster_step
     from edgeslim.task import ModelArtifact, Task
+    from edgeslim.train import FineTune
 
     task = Task(pruned, (torch.as_tensor(split.x_test[:1]),), calibration=(split.x_test[:64], split.y_test[:64]),
                 evaluation=(split.x_test, split.y_test), train=(split.x_train, split.y_train))
-    config = ClusterConfig(**BITS[name], conv_index_bits=None, fc_index_bits=None, epochs=epochs, lr=lr,
-                           temperature=temperature, batch_size=BATCH, progress=False)
+    config = ClusterConfig(**BITS[name], conv_index_bits=None, fc_index_bits=None,
+                           fine_tune=FineTune(epochs=epochs, lr=lr, temperature=temperature, batch_size=BATCH,
+                                              progress=False))
     t0 = time.perf_counter()
     out = cluster_step(ModelArtifact(pruned), config, task)
     seconds = time.perf_counter() - t0

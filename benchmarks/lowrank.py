@@ -71,7 +71,7 @@ def _graph_rows(model_name: str, models: dict, task, runs: int, extra: dict[str,
 def cnn_rows(args) -> list[dict]:
     from edgeslim.lowrank import LowRankConfig, lowrank
     from edgeslim.task import ModelArtifact
-    from edgeslim.train import evaluate_accuracy
+    from edgeslim.train import FineTune, evaluate_accuracy
 
     full = args.data_dir is not None and not args.quick
     task = _mnist_task(args, full)
@@ -97,9 +97,10 @@ def cnn_rows(args) -> list[dict]:
     print(f"  fp32 accuracy {extra['fp32']['metric']:.4f} on {len(ye)} test images", flush=True)
     for name, kw in settings.items():
         t0 = time.perf_counter()
-        config = LowRankConfig(**kw, round_to=8, epochs=1, lr=3e-4, batch_size=64, progress=False)
+        config = LowRankConfig(**kw, round_to=8, fine_tune=FineTune(epochs=1, lr=3e-4, batch_size=64, progress=False))
         # accuracy straight after the factorization (no fine-tune), for the record
-        raw = lowrank(ModelArtifact(task.model), dataclasses.replace(config, epochs=0), task).torch
+        no_tune = dataclasses.replace(config, fine_tune=dataclasses.replace(config.fine_tune, epochs=0))
+        raw = lowrank(ModelArtifact(task.model), no_tune, task).torch
         acc_raw = evaluate_accuracy(raw, xe[:n_raw], ye[:n_raw])
         t1 = time.perf_counter()
         out = lowrank(ModelArtifact(task.model), config, ft_task)
@@ -150,6 +151,7 @@ def _cnn_extra(acc: float, acc_raw: float | None, n: int, seconds: float, ranks)
 # ---------------------------------------------------------------------------------------- MiniLM
 def minilm_rows(args) -> list[dict]:
     from edgeslim.lowrank import LowRankConfig, lowrank
+    from edgeslim.train import FineTune
     from edgeslim.models.minilm import build_minilm_task, encode
     from edgeslim.task import ModelArtifact
 
@@ -161,7 +163,8 @@ def minilm_rows(args) -> list[dict]:
     extra = {"fp32": _minilm_extra(encode(task.model, ids, mask), targets, 0.0)}
     for r in ranks:
         t0 = time.perf_counter()
-        out = lowrank(ModelArtifact(task.model), LowRankConfig(rank_by="fixed", rank=r, layers=ffn, progress=False), task)
+        out = lowrank(ModelArtifact(task.model), LowRankConfig(rank_by="fixed", rank=r, layers=ffn,
+                                                               fine_tune=FineTune(progress=False)), task)
         seconds = time.perf_counter() - t0
         models[f"svd_ffn_rank_{r}"] = out.torch
         extra[f"svd_ffn_rank_{r}"] = _minilm_extra(encode(out.torch, ids, mask), targets, seconds)

@@ -88,13 +88,14 @@ def seeds(name: str, n: int) -> range:
 def prune_config(name: str, cfg: dict, seed: int = 0):
     """The ``prune_magnitude`` config of this benchmark (``benchmarks/deep_compression.py`` uses it too)."""
     from edgeslim.prune import PruneMagnitudeConfig
+    from edgeslim.train import FineTune
 
     return PruneMagnitudeConfig(sparsity=0.0, overrides={k: 1.0 - v for k, v in KEEP[name].items()},
                                 schedule=cfg["schedule"], rounds=ROUNDS, updates=int(cfg["updates"]),
-                                epochs=int(cfg["retrain_epochs"]),
-                                lr=cfg["retrain_lr"], batch_size=BATCH, weight_decay=WEIGHT_DECAY,
-                                temperature=cfg["temperature"], final_epochs=int(cfg["final_epochs"]),
-                                final_lr=cfg["final_lr"], seed=seed, progress=False)
+                                fine_tune=FineTune(epochs=int(cfg["retrain_epochs"]), lr=cfg["retrain_lr"],
+                                                   batch_size=BATCH, weight_decay=WEIGHT_DECAY,
+                                                   temperature=cfg["temperature"], seed=seed, progress=False),
+                                final_epochs=int(cfg["final_epochs"]), final_lr=cfg["final_lr"])
 
 
 def train_dense(name: str, split, cfg: dict, seed: int = 0):

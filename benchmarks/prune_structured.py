@@ -77,8 +77,9 @@ def dense_model(split, s: dict, cache_dir: Path):
 
 def prune_edgeslim(dense, example, ratio: float):
     from edgeslim.prune.channels_technique import PruneChannelsConfig, prune_model
+    from edgeslim.train import FineTune
 
-    config = PruneChannelsConfig(ratio=ratio, importance="l1", round_to=ROUND_TO, progress=False)
+    config = PruneChannelsConfig(ratio=ratio, importance="l1", round_to=ROUND_TO, fine_tune=FineTune(progress=False))
     return prune_model(dense, example, config)[0]
 
 

@@ -41,6 +41,7 @@ from edgeslim.quantize.mixed import mixed_precision  # noqa: E402
 from edgeslim.quantize.weight_only import weight_only  # noqa: E402
 from edgeslim.runtime import compare_latency, export_onnx, inspect_optimized, make_session, run  # noqa: E402
 from edgeslim.task import ModelArtifact, Task, iter_batches  # noqa: E402
+from edgeslim.train import FineTune  # noqa: E402
 
 Method = Callable[[], "onnx.ModelProto | None"]
 
@@ -121,8 +122,8 @@ def cnn_rows(args) -> list[dict]:
         "edgeslim_ptq_kl": ours(observer="kl"),
         "edgeslim_ptq_mse_biascorr": ours(observer="mse", weight_observer="mse", bias_correction=True),
         "edgeslim_ptq_mse_adaround": ours(observer="mse", weight_observer="mse", adaround=True),
-        "edgeslim_qat": lambda: qat_int8(ModelArtifact(task.model), QATConfig(epochs=1, lr=1e-4, progress=False),
-                                         qat_task).onnx,
+        "edgeslim_qat": lambda: qat_int8(ModelArtifact(task.model),
+                                         QATConfig(fine_tune=FineTune(epochs=1, lr=1e-4, progress=False)), qat_task).onnx,
         "edgeslim_mixed_precision": lambda: mixed_precision(
             ModelArtifact(task.model), MixedPrecisionConfig(max_drop=0.0005, ptq=PTQInt8Config(progress=False)), task).onnx,
     }
@@ -177,8 +178,8 @@ def minilm_rows(args) -> list[dict]:
         # embeddings on the calibration sentences (MiniLM's task has no labels)
         "edgeslim_qat": lambda: qat_int8(
             ModelArtifact(task.model),
-            QATConfig(op_types=("MatMul",), per_token=ffn_down, epochs=1 if args.quick else 2, lr=2e-5, batch_size=8,
-                      calibration_samples=len(qat_task.calibration[0][0]), progress=False),
+            QATConfig(op_types=("MatMul",), per_token=ffn_down, calibration_samples=len(qat_task.calibration[0][0]),
+                      fine_tune=FineTune(epochs=1 if args.quick else 2, lr=2e-5, batch_size=8, progress=False)),
             qat_task).onnx,
         "edgeslim_weight_only_int4_g32": lambda: quantize_weight_only_graph(fp32, WeightOnlyConfig(bits=4, group_size=32)),
         "edgeslim_weight_only_int4_int8_budget": lambda: weight_only(

@@ -14,7 +14,10 @@ from edgeslim.cluster.format import decode_state, encode_state, load_compressed,
 from edgeslim.cluster.kmeans import cluster_tensor, codebook, finalize, kmeans_1d, share_weights
 from edgeslim.cluster.technique import FILE_NAME, ClusterConfig, cluster_step
 from edgeslim.errors import CheckpointError, ConfigError, DataError
+from edgeslim.prune import masks_from_zeros
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import ModelArtifact, Task
+from edgeslim.train import FineTune
 
 from conftest import small_cnn
 
@@ -256,9 +259,11 @@ def _task(images: np.ndarray, model: nn.Module) -> Task:
 
 def test_technique_file_decodes_to_the_returned_model_and_keeps_pruned_zeros(images):
     pruned = _prune(small_cnn(), keep=0.5)
-    config = ClusterConfig(conv_bits=4, fc_bits=3, exclude=("0",), epochs=1, lr=1e-3, progress=False)
-    out = cluster_step(ModelArtifact(pruned), config, _task(images, pruned))
-    assert out.size_file == FILE_NAME
+    config = ClusterConfig(conv_bits=4, fc_bits=3, exclude=("0",),
+                           fine_tune=FineTune(epochs=1, lr=1e-3, progress=False))
+    sparsity = Sparsity(masks_from_zeros(pruned))  # what a prune_magnitude step would carry
+    out = cluster_step(ModelArtifact(pruned, sparsity=sparsity), config, _task(images, pruned))
+    assert out.size_file == FILE_NAME and out.sparsity is sparsity
     state = decode_state(out.files[FILE_NAME])
     assert all(torch.equal(state[k], v) for k, v in out.torch.state_dict().items())
     for name, bits in (("4", 4), ("7", 3)):
@@ -274,16 +279,18 @@ def test_technique_file_decodes_to_the_returned_model_and_keeps_pruned_zeros(ima
 def test_technique_names_an_unknown_layer_and_missing_training_data(images):
     model = small_cnn()
     with pytest.raises(ConfigError, match="layers: .*'nope'"):
-        cluster_step(ModelArtifact(model), ClusterConfig(layers=("nope",), progress=False), _task(images, model))
+        cluster_step(ModelArtifact(model), ClusterConfig(layers=("nope",),
+                                                         fine_tune=FineTune(progress=False)), _task(images, model))
     task = _task(images, model)
     task.train = None
-    with pytest.raises(ConfigError, match="^epochs: .*training data"):
-        cluster_step(ModelArtifact(model), ClusterConfig(progress=False), task)
+    with pytest.raises(ConfigError, match="^fine_tune.epochs: .*training data"):
+        cluster_step(ModelArtifact(model), ClusterConfig(fine_tune=FineTune(progress=False)), task)
 
 
 def test_technique_with_distillation_tracks_the_teacher(images):
     model = small_cnn()
-    out = cluster_step(ModelArtifact(model), ClusterConfig(temperature=2.0, epochs=2, lr=1e-3, progress=False),
+    out = cluster_step(ModelArtifact(model), ClusterConfig(fine_tune=FineTune(temperature=2.0, epochs=2, lr=1e-3,
+                                                                              progress=False)),
                        _task(images, model))
     x = torch.from_numpy(images)
     with torch.no_grad():
@@ -295,7 +302,8 @@ def test_pipeline_reports_the_compact_file_as_the_stage_size(tmp_path, images):
     from edgeslim.pipeline import RuntimeConfig, compress
 
     model = _prune(small_cnn(), keep=0.3)
-    result = compress(_task(images, model), [ClusterConfig(conv_bits=4, fc_bits=4, epochs=0, progress=False)],
+    result = compress(_task(images, model), [ClusterConfig(conv_bits=4, fc_bits=4,
+                                                           fine_tune=FineTune(epochs=0, progress=False))],
                       out_dir=tmp_path / "run", runtime=RuntimeConfig(warmup=1, runs=4, rounds=1, measure_memory=False))
     stage = result.stage("01_cluster")
     written = tmp_path / "run" / "01_cluster" / FILE_NAME

@@ -13,7 +13,7 @@ from edgeslim import registry
 from edgeslim.distill import DistillConfig, distill, hint_loss, kd_loss, make_adapter
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.task import ModelArtifact, Task
-from edgeslim.train import evaluate_accuracy, train
+from edgeslim.train import FineTune, evaluate_accuracy, train
 
 
 def _mlp(hidden: int, seed: int = 0, n_in: int = 64) -> nn.Module:
@@ -133,15 +133,18 @@ def test_distill_rejects_bad_input(images) -> None:
 
 # ------------------------------------------------------------------------------ the technique
 def test_distill_config_round_trip_and_registry(images) -> None:
-    cfg = DistillConfig(epochs=1, lr=1e-3, batch_size=16, temperature=2.0, alpha=0.5, progress=False)
+    cfg = DistillConfig(fine_tune=FineTune(epochs=1, lr=1e-3, batch_size=16, temperature=2.0, alpha=0.5,
+                                           progress=False))
     d = cfg.to_dict()
     assert d["technique"] == "distill"
     assert DistillConfig.from_dict({k: v for k, v in d.items() if k != "technique"}) == cfg
-    assert DistillConfig.from_dict({"temperature": 20}).temperature == 20.0
-    with pytest.raises(ConfigError, match="^step.temperature: must be > 0, got 0"):
-        DistillConfig.from_dict({"temperature": 0})
-    with pytest.raises(ConfigError, match="^step.alpha"):
-        DistillConfig.from_dict({"alpha": 2})
+    assert DistillConfig.from_dict({"fine_tune": {"temperature": 20}}).fine_tune.temperature == 20.0
+    with pytest.raises(ConfigError, match="^step.fine_tune.temperature: must be > 0 .*, got 0"):
+        DistillConfig.from_dict({"fine_tune": {"temperature": 0}})
+    with pytest.raises(ConfigError, match="^step.fine_tune.alpha"):
+        DistillConfig.from_dict({"fine_tune": {"alpha": 2}})
+    with pytest.raises(ConfigError, match=r"^step.temperature: moved into fine_tune \(write fine_tune: \{temperature: 20\}\)$"):
+        DistillConfig.from_dict({"temperature": 20})
     tech = registry.get("distill") if "distill" in {t.name for t in registry.list_techniques()} else None
     if tech is None:  # until the lead adds edgeslim.distill to the registry's loader
         import edgeslim.distill  # noqa: F401

@@ -17,6 +17,7 @@ from edgeslim.lowrank.svd import svd_params
 from edgeslim.lowrank.tucker import tucker2_params
 from edgeslim.runtime import export_onnx, make_session, op_histogram, run
 from edgeslim.task import ModelArtifact, Task
+from edgeslim.train import FineTune
 
 from conftest import small_cnn
 
@@ -95,7 +96,8 @@ def test_parameter_counts_are_exact():
     assert _n_params(lin) == svd_params(50, 100, 10, True) == 10 * 150 + 50
     conv = factorize_conv(nn.Conv2d(32, 64, 3, bias=False), (16, 8))
     assert _n_params(conv) == tucker2_params(64, 32, 9, (16, 8), False) == 32 * 8 + 16 * 8 * 9 + 16 * 64
-    plans = plan_ranks(small_cnn(), LowRankConfig(rank_by="fixed", rank=4, exclude=("0",), progress=False))
+    plans = plan_ranks(small_cnn(), LowRankConfig(rank_by="fixed", rank=4, exclude=("0",),
+                                                  fine_tune=FineTune(progress=False)))
     model = apply_plan(small_cnn(), plans)
     by = {p.name: p for p in plans}
     assert by["4"].params_after == _n_params(model[4]) == 8 * 4 + 4 * 4 * 9 + 4 * 16 + 16
@@ -152,7 +154,8 @@ def test_vbmf_recovers_a_planted_rank_and_the_noise(shape, rank, sigma):
     ({"energy": 0.0}, "energy:"), ({"energy": 1.5}, "energy:"), ({"params_fraction": 0.0}, "params_fraction:"),
     ({"params_fraction": 2.0}, "params_fraction:"), ({"rank_by": "fixed"}, "rank:"), ({"rank": 4}, "rank:"),
     ({"round_to": 0}, "round_to:"), ({"latency_energies": (0.5, 1.5)}, "latency_energies:"),
-    ({"temperature": -1.0}, "temperature:"), ({"epochs": -1}, "epochs:"), ({"target_speedup": 0.0}, "target_speedup:"),
+    ({"fine_tune": {"temperature": -1.0}}, "fine_tune.temperature:"), ({"fine_tune": {"epochs": -1}}, "fine_tune.epochs:"),
+    ({"target_speedup": 0.0}, "target_speedup:"),
 ])
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}") as err:
@@ -171,29 +174,31 @@ def test_recipe_form_errors_and_round_trip():
 def test_bad_layers_and_ranks_are_named(images):
     task = _task(images)
     cases = [
-        (LowRankConfig(layers=("nope", "7"), progress=False), r"^layers: no module named 'nope'"),
-        (LowRankConfig(exclude=("gone",), progress=False), r"^exclude: no module named 'gone'"),
-        (LowRankConfig(layers=("2",), progress=False), r"^layers: '2' is a ReLU"),
-        (LowRankConfig(rank_by="fixed", rank=11, layers=("7",), progress=False), r"full rank 10 of layer '7'"),
-        (LowRankConfig(rank_by="fixed", rank=2, progress=False), r"layer '0'.*Cin 1"),
-        (LowRankConfig(energy=1.0, progress=False), r"^lowrank: no layer would shrink"),
-        (LowRankConfig(epochs=1, progress=False), r"^epochs: .*training data"),
+        (LowRankConfig(layers=("nope", "7"), fine_tune=FineTune(progress=False)), r"^layers: no module named 'nope'"),
+        (LowRankConfig(exclude=("gone",), fine_tune=FineTune(progress=False)), r"^exclude: no module named 'gone'"),
+        (LowRankConfig(layers=("2",), fine_tune=FineTune(progress=False)), r"^layers: '2' is a ReLU"),
+        (LowRankConfig(rank_by="fixed", rank=11, layers=("7",),
+                       fine_tune=FineTune(progress=False)), r"full rank 10 of layer '7'"),
+        (LowRankConfig(rank_by="fixed", rank=2, fine_tune=FineTune(progress=False)), r"layer '0'.*Cin 1"),
+        (LowRankConfig(energy=1.0, fine_tune=FineTune(progress=False)), r"^lowrank: no layer would shrink"),
+        (LowRankConfig(fine_tune=FineTune(epochs=1, progress=False)), r"^fine_tune.epochs: .*training data"),
     ]
     no_train = Task(task.model, task.example_inputs, task.calibration, task.evaluation)
     for config, pattern in cases:
         with pytest.raises(ConfigError, match=pattern) as err:
-            lowrank(ModelArtifact(task.model), config, no_train if config.epochs else task)
+            lowrank(ModelArtifact(task.model), config, no_train if config.fine_tune.epochs else task)
         assert "\n" not in str(err.value)
 
 
 def test_layers_that_cannot_shrink_or_are_grouped_are_kept_with_a_reason():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.Conv2d(8, 8, 3, groups=4), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
-    plans = {p.name: p for p in plan_ranks(model, LowRankConfig(energy=0.999, progress=False))}
+    plans = {p.name: p for p in plan_ranks(model, LowRankConfig(energy=0.999, fine_tune=FineTune(progress=False)))}
     assert plans["0"].kind == "kept" and "not fewer than 80" in plans["0"].reason  # Cin = 1: R_in = 1, R_out = 8
     assert plans["1"].kind == "kept" and "groups=4" in plans["1"].reason
     assert plans["3"].kind == "kept" and plans["3"].ranks == (4,) and "needs 532 weights" in plans["3"].reason
     assert all(p.params_after == p.params_before for p in plans.values())
-    plans = {p.name: p for p in plan_ranks(model, LowRankConfig(rank_by="fixed", rank=1, layers=("3",), progress=False))}
+    plans = {p.name: p for p in plan_ranks(model, LowRankConfig(rank_by="fixed", rank=1, layers=("3",),
+                                                                fine_tune=FineTune(progress=False)))}
     assert list(plans) == ["3"] and plans["3"].kind == "svd" and plans["3"].params_after == 128 + 4 + 4
 
 
@@ -202,7 +207,7 @@ def test_method_picks_the_factorization_per_layer_type():
     model = nn.Sequential(nn.Conv2d(16, 32, 1), nn.Conv2d(32, 32, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(32, 32)).eval()
     x = torch.randn(2, 16, 6, 6)
-    fixed = {"rank_by": "fixed", "rank": 4, "progress": False}
+    fixed = {"rank_by": "fixed", "rank": 4, "fine_tune": FineTune(progress=False)}
     kinds = {m: [p.kind for p in plan_ranks(model, LowRankConfig(method=m, **fixed))] for m in ("auto", "svd", "tucker2")}
     assert kinds == {"auto": ["svd", "tucker2", "svd"], "svd": ["svd", "svd", "svd"],
                      "tucker2": ["tucker2", "tucker2", "kept"]}
@@ -219,7 +224,7 @@ def _task(images: np.ndarray, model: nn.Module | None = None, labels: np.ndarray
 
 
 def test_exported_onnx_matches_torch(images):
-    config = LowRankConfig(rank_by="fixed", rank=4, exclude=("0",), progress=False)
+    config = LowRankConfig(rank_by="fixed", rank=4, exclude=("0",), fine_tune=FineTune(progress=False))
     out = lowrank(ModelArtifact(small_cnn()), config, _task(images))
     graph = export_onnx(out.torch, (torch.from_numpy(images[:1]),))  # validates ORT vs torch itself
     x = images[:16]
@@ -240,7 +245,8 @@ def test_technique_in_the_pipeline_with_kd_fine_tune(tmp_path):
     x[y == 1, :, :4] += 0.3  # class 1: the top half is brighter
     model = train(small_cnn(), x, y, epochs=6, lr=3e-3, batch_size=32, progress=False)
     task = _task(x, model, y)
-    config = LowRankConfig(rank_by="params", params_fraction=0.3, epochs=3, lr=1e-3, batch_size=32, progress=False)
+    config = LowRankConfig(rank_by="params", params_fraction=0.3,
+                           fine_tune=FineTune(epochs=3, lr=1e-3, batch_size=32, progress=False))
     result = compress(task, [config], out_dir=tmp_path / "run",
                       runtime=RuntimeConfig(warmup=2, runs=10, rounds=2, measure_memory=False))
     base, low = (s.metrics for s in result.stages)
@@ -262,7 +268,8 @@ def test_latency_mode_picks_ranks_by_measured_speedup():
             model[i].weight.copy_(low + 1e-3 * torch.randn(512, 512, generator=g))
     x = torch.randn(32, 512, generator=g)
     task = Task(model, (x[:1],), calibration=(x, None), evaluation=(x, model(x).detach()))
-    levels = {"rank_by": "latency", "latency_energies": (0.999, 0.9), "progress": False}  # two exports, not 13
+    levels = {"rank_by": "latency", "latency_energies": (0.999, 0.9),  # two exports, not 13
+              "fine_tune": FineTune(progress=False)}
     out = lowrank(ModelArtifact(model), LowRankConfig(target_speedup=1.5, **levels), task)
     note = out.notes["lowrank"]["latency"]
     assert note["measured_speedup"] >= 1.5 and note["energy"] == max(float(e) for e, v in note["speedups"].items()

@@ -17,6 +17,7 @@ from edgeslim.prune.importance import compute_importance
 from edgeslim.prune.structured import PrunePlan, plan_keep, remove_channels
 from edgeslim.runtime import count_macs, export_onnx, make_session, run
 from edgeslim.task import ModelArtifact, Task
+from edgeslim.train import FineTune
 
 ZOO = ["lenet300", "lenet5", "vgg_small", "resnet20", "mobilenetv2_small"]
 
@@ -227,8 +228,8 @@ def _task(n: int = 64, with_train: bool = True) -> Task:
 
 def test_technique_fine_tunes_with_kd_and_reports_channels_and_macs():
     task = _task()
-    config = PruneChannelsConfig(ratio=0.5, importance="taylor", round_to=8, epochs=1, batch_size=32,
-                                 temperature=4.0, progress=False)
+    config = PruneChannelsConfig(ratio=0.5, importance="taylor", round_to=8,
+                                 fine_tune=FineTune(epochs=1, batch_size=32, temperature=4.0, progress=False))
     out = prune_channels(ModelArtifact(task.model), config, task)
     notes = out.notes["prune_channels"]
     assert notes["channels"] == {"0": [20, 8], "2": [50, 24], "5": [500, 248]}  # halved, rounded to 8
@@ -243,7 +244,7 @@ def test_technique_fine_tunes_with_kd_and_reports_channels_and_macs():
 def test_fine_tune_without_train_data_is_a_config_error():
     task = _task(with_train=False)
     with pytest.raises(ConfigError, match="epochs"):
-        prune_channels(ModelArtifact(task.model), PruneChannelsConfig(epochs=1, progress=False), task)
+        prune_channels(ModelArtifact(task.model), PruneChannelsConfig(fine_tune=FineTune(epochs=1, progress=False)), task)
 
 
 def test_a_model_with_nothing_to_prune_is_an_error_not_a_silent_copy():
@@ -253,4 +254,4 @@ def test_a_model_with_nothing_to_prune_is_an_error_not_a_silent_copy():
     head_only = nn.Sequential(nn.Flatten(), nn.Linear(16, 2)).eval()  # its outputs are the logits
     task = Task(head_only, (torch.from_numpy(x[:1]),), calibration=(x, y), evaluation=(x, y))
     with pytest.raises(ModelError, match="no prunable channel group"):
-        prune_channels(ModelArtifact(head_only), PruneChannelsConfig(progress=False), task)
+        prune_channels(ModelArtifact(head_only), PruneChannelsConfig(fine_tune=FineTune(progress=False)), task)

@@ -42,7 +42,7 @@ from edgeslim.prune.sparse import (
     save_sparse,
 )
 from edgeslim.task import ModelArtifact, Task
-from edgeslim.train import train
+from edgeslim.train import FineTune, train
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -228,9 +228,9 @@ def test_a_corrupt_sparse_file_is_a_checkpoint_error(tmp_path):
 # -------------------------------------------------------------------------------- technique
 @pytest.mark.parametrize("kwargs, field", [
     ({"sparsity": 1.0}, "sparsity"), ({"sparsity": -0.1}, "sparsity"), ({"overrides": {"1": 1.5}}, "overrides.1"),
-    ({"m": 4, "n": 4}, "n"), ({"schedule": "gradual"}, "epochs"), ({"index_bits": 0}, "index_bits"),
-    ({"augment_shift": -1}, "augment_shift"), ({"final_epochs": -1}, "final_epochs"),
-    ({"final_epochs": 2}, "final_epochs"), ({"epochs": 1, "final_lr": 0.0}, "final_lr"),
+    ({"m": 4, "n": 4}, "n"), ({"schedule": "gradual"}, "fine_tune.epochs"), ({"index_bits": 0}, "index_bits"),
+    ({"fine_tune": {"augment_shift": -1}}, "fine_tune.augment_shift"), ({"final_epochs": -1}, "final_epochs"),
+    ({"final_epochs": 2}, "final_epochs"), ({"fine_tune": {"epochs": 1}, "final_lr": 0.0}, "final_lr"),
 ])
 def test_bad_configs_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}"):
@@ -246,9 +246,9 @@ def _task(train_data: bool = True) -> Task:
 def test_technique_rejects_unknown_layers_and_missing_train_data():
     with pytest.raises(ConfigError, match="'fc9'"):
         prune_magnitude(ModelArtifact(_task().model), PruneMagnitudeConfig(overrides={"fc9": 0.5}), _task())
-    with pytest.raises(ConfigError, match="^epochs"):
+    with pytest.raises(ConfigError, match="^fine_tune.epochs"):
         task = _task(train_data=False)
-        prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(epochs=1), task)
+        prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(fine_tune=FineTune(epochs=1)), task)
 
 
 def test_function_matching_fine_tune_shifts_the_images_and_keeps_the_zeros():
@@ -257,8 +257,9 @@ def test_function_matching_fine_tune_shifts_the_images_and_keeps_the_zeros():
     task = _task()
     outs = []
     for shift in (0, 1):
-        config = PruneMagnitudeConfig(sparsity=0.8, schedule="iterative", rounds=2, epochs=1, lr=1e-2, batch_size=32,
-                                      temperature=4.0, augment_shift=shift, progress=False)
+        config = PruneMagnitudeConfig(sparsity=0.8, schedule="iterative", rounds=2,
+                                      fine_tune=FineTune(epochs=1, lr=1e-2, batch_size=32, temperature=4.0,
+                                                         augment_shift=shift, progress=False))
         outs.append(prune_magnitude(ModelArtifact(task.model), config, task).torch)
     assert layer_sparsity(outs[1]) == pytest.approx(layer_sparsity(outs[0]), abs=1e-3)
     assert sparsity_of(outs[1]) == pytest.approx(0.8, abs=1e-3)
@@ -267,7 +268,8 @@ def test_function_matching_fine_tune_shifts_the_images_and_keeps_the_zeros():
 
 def test_final_fine_tune_trains_the_finished_sparse_model_further():
     task = _task()
-    common = dict(sparsity=0.8, schedule="iterative", rounds=2, epochs=1, lr=1e-2, batch_size=32, progress=False)
+    common = dict(sparsity=0.8, schedule="iterative", rounds=2,
+                  fine_tune=FineTune(epochs=1, lr=1e-2, batch_size=32, progress=False))
     before = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(**common), task).torch
     after = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(**common, final_epochs=3, final_lr=5e-3),
                             task).torch
@@ -282,21 +284,23 @@ def test_final_fine_tune_trains_the_finished_sparse_model_further():
 
 def test_gradual_kd_technique_keeps_the_sparsity_and_learns():
     task = _task()
-    config = PruneMagnitudeConfig(sparsity=0.8, schedule="gradual", epochs=2, lr=1e-2, batch_size=32,
-                                  temperature=2.0, overrides={"5": 0.5}, progress=False)
+    config = PruneMagnitudeConfig(sparsity=0.8, schedule="gradual",
+                                  fine_tune=FineTune(epochs=2, lr=1e-2, batch_size=32, temperature=2.0, progress=False),
+                                  overrides={"5": 0.5})
     out = prune_magnitude(ModelArtifact(task.model), config, task)
     assert layer_sparsity(out.torch) == pytest.approx({"1.weight": 0.8, "3.weight": 0.8, "5.weight": 0.5}, abs=1e-3)
     assert out.notes["sparsity"] == pytest.approx(sparsity_of(out.torch))
-    state = decode_sparse(out.files["weights.sparse"])
-    assert all(torch.equal(state[k], v) for k, v in out.torch.state_dict().items())
+    # the artifact carries the masks (the pipeline writes the sparse file from them, see below)
+    assert out.sparsity.index_bits == 5 and sorted(out.sparsity.masks) == ["1.weight", "3.weight", "5.weight"]
+    assert all(torch.equal(m, out.torch.state_dict()[k] != 0) for k, m in out.sparsity.masks.items())
 
 
 def test_pipeline_reports_the_sparse_file_as_size_then_distill_keeps_the_zeros(tmp_path):
     from edgeslim.distill import DistillConfig
 
     task = _task()
-    steps = [PruneMagnitudeConfig(sparsity=0.9, progress=False),
-             DistillConfig(epochs=1, lr=1e-3, batch_size=32, progress=False)]
+    steps = [PruneMagnitudeConfig(sparsity=0.9, fine_tune=FineTune(progress=False)),
+             DistillConfig(fine_tune=FineTune(epochs=1, lr=1e-3, batch_size=32, progress=False))]
     result = compress(task, steps, out_dir=tmp_path / "run",
                       runtime=RuntimeConfig(warmup=1, runs=5, rounds=1, measure_memory=False))
     base, pruned, distilled = (s.metrics for s in result.stages)
@@ -307,6 +311,7 @@ def test_pipeline_reports_the_sparse_file_as_size_then_distill_keeps_the_zeros(t
     state = load_sparse(tmp_path / "run" / "02_distill" / "weights.sparse")
     for name in ("1.weight", "3.weight", "5.weight"):
         assert float((state[name] == 0).float().mean()) == pytest.approx(0.9, abs=1e-2)
+        assert torch.equal(state[name] == 0, load_sparse(folder / "weights.sparse")[name] == 0)  # the same zeros
     assert distilled["size_bytes"] == (tmp_path / "run" / "02_distill" / "weights.sparse").stat().st_size
     assert not torch.equal(state["1.weight"], load_sparse(folder / "weights.sparse")["1.weight"])
 
@@ -335,10 +340,11 @@ def test_select_ratios_stops_at_the_first_ratio_over_budget():
 
 def test_nm_technique_prunes_half_of_every_group_and_stores_it_exactly():
     task = _task()
-    out = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(n=2, m=4, progress=False), task)
+    out = prune_magnitude(ModelArtifact(task.model), PruneMagnitudeConfig(n=2, m=4,
+                                                                          fine_tune=FineTune(progress=False)), task)
     for name, p in out.torch.named_parameters():
         if name.endswith("weight"):
             assert bool(((p.reshape(-1, 4) != 0).sum(1) <= 2).all()), name
     assert out.notes["sparsity"] == pytest.approx(0.5, abs=1e-3)
-    assert all(torch.equal(a, b) for a, b in zip(out.torch.state_dict().values(),
-                                                 decode_sparse(out.files["weights.sparse"]).values()))
+    data = encode_sparse(out.torch, index_bits=out.sparsity.index_bits)
+    assert all(torch.equal(a, b) for a, b in zip(out.torch.state_dict().values(), decode_sparse(data).values()))

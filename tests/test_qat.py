@@ -25,7 +25,7 @@ from edgeslim.quantize.qat import (QATConfig, calibrate_qat, prepare_qat, qat_in
 from edgeslim.runtime import inspect_optimized
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task
-from edgeslim.train import train
+from edgeslim.train import FineTune, train
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def cnn_runs(digits):
     model = train(small_cnn(), digits.x_train, digits.y_train, epochs=3, lr=3e-3, progress=False)
     task = make_task(model, digits)
     ptq = ptq_int8(ModelArtifact(model), PTQInt8Config(progress=False), task)
-    qat_art, qat = quantization_aware_training(ModelArtifact(model), QATConfig(progress=False), task)
+    qat_art, qat = quantization_aware_training(ModelArtifact(model), QATConfig(fine_tune=FineTune(progress=False)), task)
     return ptq, qat_art, qat
 
 
@@ -83,7 +83,7 @@ def test_cnn_parity_ort_matches_fake_quant(cnn_runs, digits):
 
 def test_mlp_parity_ort_matches_fake_quant(digits):
     model = train(mlp(), digits.x_train, digits.y_train, epochs=2, lr=3e-3, progress=False)
-    art, qat = quantization_aware_training(ModelArtifact(model), QATConfig(epochs=1, progress=False),
+    art, qat = quantization_aware_training(ModelArtifact(model), QATConfig(fine_tune=FineTune(epochs=1, progress=False)),
                                            make_task(model, digits, n_train=512))
     check_parity(art, qat, digits.x_test)
     assert len(qat.weighted) == 2 and len(qat.act_quants) == 3  # input, ReLU output, logits
@@ -123,8 +123,8 @@ def test_scales_observers_and_bn_freeze(prepared, learn):
         assert layer.input_quant in qat.act_quants.values()
     for layer in qat.weighted.values():
         layer.wq.learn = learn
-    config = QATConfig(epochs=2, lr=1e-3, batch_size=64, learn_scales=learn, freeze_observers_epoch=1,
-                       freeze_bn_epoch=1, progress=False)
+    config = QATConfig(fine_tune=FineTune(epochs=2, lr=1e-3, batch_size=64, progress=False), learn_scales=learn,
+                       freeze_observers_epoch=1, freeze_bn_epoch=1)
     snaps = [snapshot(qat)]
     train_qat(qat, task.train, config, on_epoch_end=lambda epoch, q: snaps.append(snapshot(q)))
     calib, ep0, ep1 = snaps
@@ -149,7 +149,7 @@ def test_qat_without_training_data_is_a_config_error(digits):
                 evaluation=(digits.x_test[:8], digits.y_test[:8]))
     task.export = lambda module: pytest.fail("qat_int8 did work before checking for training data")
     with pytest.raises(ConfigError, match=r"^qat_int8: QAT needs training data \(task.train is empty\)$"):
-        qat_int8(ModelArtifact(model), QATConfig(progress=False), task)
+        qat_int8(ModelArtifact(model), QATConfig(fine_tune=FineTune(progress=False)), task)
 
 
 def test_untraceable_module_is_named(digits):
@@ -163,7 +163,8 @@ def test_untraceable_module_is_named(digits):
 
 
 def test_config_round_trip_and_registration():
-    config = QATConfig(epochs=3, lr=5e-4, learn_scales=False, freeze_observers_epoch=2, activation_dtype="int8", seed=7)
+    config = QATConfig(fine_tune=FineTune(epochs=3, lr=5e-4, seed=7), learn_scales=False, freeze_observers_epoch=2,
+                       activation_dtype="int8")
     data = json.loads(json.dumps(config.to_dict()))
     assert data["technique"] == "qat_int8"
     assert QATConfig.from_dict({k: v for k, v in data.items() if k != "technique"}) == config
@@ -172,12 +173,14 @@ def test_config_round_trip_and_registration():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("epochs", 0), ("lr", 0.0), ("lr", float("nan")), ("batch_size", 0), ("freeze_observers_epoch", -1),
-     ("freeze_bn_epoch", -2), ("calibration_samples", 0), ("learn_scales", "yes"), ("activation_dtype", "int4")],
+    [("fine_tune.epochs", 0), ("fine_tune.lr", 0.0), ("fine_tune.lr", float("nan")), ("fine_tune.batch_size", 0),
+     ("fine_tune.temperature", 4.0), ("freeze_observers_epoch", -1), ("freeze_bn_epoch", -2), ("calibration_samples", 0),
+     ("learn_scales", "yes"), ("activation_dtype", "int4")],
 )
 def test_bad_values_name_the_field(field, value):
+    outer, _, inner = field.partition(".")
     with pytest.raises(ConfigError, match=rf"^step\.{field}: "):
-        QATConfig.from_dict({field: value})
+        QATConfig.from_dict({outer: {inner: value}} if inner else {field: value})
 
 
 def test_qat_after_a_prune_step_keeps_the_zeros(digits):
@@ -190,11 +193,11 @@ def test_qat_after_a_prune_step_keeps_the_zeros(digits):
 
     model = train(mlp(), digits.x_train, digits.y_train, epochs=15, lr=3e-3, progress=False)
     task = make_task(model, digits, n_train=512)
-    pruned = registry.get("prune_magnitude").fn(ModelArtifact(model), PruneMagnitudeConfig(sparsity=0.6, progress=False),
-                                                task)
+    prune = PruneMagnitudeConfig(sparsity=0.6, fine_tune=FineTune(progress=False))
+    pruned = registry.get("prune_magnitude").fn(ModelArtifact(model), prune, task)
     zeros = {n: p == 0 for n, p in pruned.torch.named_parameters() if n.endswith("weight")}
     assert sum(int(z.sum()) for z in zeros.values()) >= 0.6 * (64 * 32 + 32 * 10) - 2
-    art, qat = quantization_aware_training(pruned, QATConfig(epochs=1, lr=1e-3, progress=False), task)
+    art, qat = quantization_aware_training(pruned, QATConfig(fine_tune=FineTune(epochs=1, lr=1e-3, progress=False)), task)
     trained = dict(qat.source.named_parameters())
     for name, z in zeros.items():
         assert bool((trained[name][z] == 0).all()), name  # not one pruned weight regrew

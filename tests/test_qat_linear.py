@@ -11,6 +11,7 @@ from edgeslim.evaluate.metrics import cosine
 from edgeslim.quantize import PTQInt8Config, QATConfig, qat_int8, quantize_static
 from edgeslim.runtime import make_session, run
 from edgeslim.task import ModelArtifact, Task
+from edgeslim.train import FineTune
 
 T, D = 12, 32
 
@@ -58,8 +59,8 @@ def _cos(graph, task: Task) -> float:
 
 
 def test_linear_qat_trains_a_two_input_model_and_deploys_what_it_simulated(fidelity_task):
-    config = QATConfig(op_types=("MatMul",), epochs=3, lr=1e-3, batch_size=16, calibration_samples=96,
-                       progress=False)
+    config = QATConfig(op_types=("MatMul",),
+                       fine_tune=FineTune(epochs=3, lr=1e-3, batch_size=16, progress=False), calibration_samples=96)
     art = qat_int8(ModelArtifact(fidelity_task.model), config, fidelity_task)
     notes = art.notes
     assert notes["qat_data"] == "calibration" and notes["qat_layers"] == 4  # q, k, v, out (the 2-D head is a Gemm)
@@ -90,10 +91,12 @@ def test_linear_qat_layers_must_be_linear_and_need_data_with_labels():
     y = np.zeros(8, dtype=np.int64)
     labelled = Task(Conv().eval(), (torch.from_numpy(x[:1]),), calibration=(x, y), evaluation=(x, y))
     with pytest.raises(ConfigError, match="QAT needs training data"):
-        qat_int8(ModelArtifact(labelled.model), QATConfig(op_types=("MatMul",), progress=False), labelled)
+        qat_int8(ModelArtifact(labelled.model), QATConfig(op_types=("MatMul",),
+                                                          fine_tune=FineTune(progress=False)), labelled)
     unlabelled = Task(Conv().eval(), (torch.from_numpy(x[:1]),), calibration=(x, None), evaluation=(x, y))
     with pytest.raises(ModelError, match="no MatMul layer"):
-        qat_int8(ModelArtifact(unlabelled.model), QATConfig(op_types=("MatMul",), progress=False), unlabelled)
+        qat_int8(ModelArtifact(unlabelled.model), QATConfig(op_types=("MatMul",),
+                                                            fine_tune=FineTune(progress=False)), unlabelled)
 
 
 def test_linear_qat_with_labels_uses_cross_entropy_on_train(fidelity_task):
@@ -102,8 +105,9 @@ def test_linear_qat_with_labels_uses_cross_entropy_on_train(fidelity_task):
         y = fidelity_task.model(torch.from_numpy(x), torch.from_numpy(m)).argmax(1).numpy()
     task = Task(fidelity_task.model, fidelity_task.example_inputs, calibration=((x, m), None),
                 evaluation=((x, m), y), train=((x, m), y))
-    art = qat_int8(ModelArtifact(task.model), QATConfig(op_types=("MatMul",), epochs=2, lr=1e-3, batch_size=16,
-                                                        progress=False), task)
+    art = qat_int8(ModelArtifact(task.model), QATConfig(op_types=("MatMul",),
+                                                        fine_tune=FineTune(epochs=2, lr=1e-3, batch_size=16,
+                                                                           progress=False)), task)
     assert art.notes["qat_data"] == "train"
     ptq = quantize_static(task.export(task.model), [(x, m)], PTQInt8Config(progress=False, op_types=("MatMul",)))
     acc = lambda g: float((run(make_session(g), (x, m))[0].argmax(1) == y).mean())  # noqa: E731

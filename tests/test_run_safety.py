@@ -144,7 +144,7 @@ model: {{name: lenet300, train: {{epochs: 2}}}}
 data: {{dataset: digits, calibration_samples: 64}}
 seed: 7
 steps:
-  - {{technique: prune_magnitude, sparsity: 0.5, epochs: 1, progress: false}}
+  - {{technique: prune_magnitude, sparsity: 0.5, fine_tune: {{epochs: 1, progress: false}}}}
   - {{technique: ptq_int8, progress: false}}
 runtime: {{threads: 1, warmup: 5, runs: {runs}, rounds: 2, measure_memory: false}}
 output: out

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from edgeslim.data import load_digits
 from edgeslim.errors import CheckpointError, DataError
 from edgeslim.models import build_model
-from edgeslim.train import _random_shift, evaluate_accuracy, load_checkpoint, save_checkpoint, train
+from edgeslim.train import evaluate_accuracy, load_checkpoint, random_shift, save_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_train_accepts_dataloader_and_shift(digits) -> None:
 def test_random_shift_is_a_translation() -> None:
     x = torch.zeros(16, 2, 6, 6)
     x[:, :, 2:4, 2:4] = torch.arange(1, 5.0).reshape(2, 2)  # content away from the border
-    out = _random_shift(x, 1, torch.Generator().manual_seed(0))
+    out = random_shift(x, 1, torch.Generator().manual_seed(0))
     shifts = {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
     seen = set()
     for i in range(16):

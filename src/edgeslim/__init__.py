@@ -14,11 +14,12 @@ from edgeslim.quantize import PTQInt8Config, quantize_static
 from edgeslim.recipe import load_recipe, parse_recipe, run_recipe
 from edgeslim.registry import list_techniques, register
 from edgeslim.task import ModelArtifact, Task, accuracy
+from edgeslim.train import FineTune
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "EdgeslimError", "ExportError", "ModelArtifact", "ModelError",
-    "PTQInt8Config", "RunResult", "RuntimeConfig", "Task", "TechniqueConfig", "accuracy", "compress",
+    "CheckpointError", "ConfigError", "DataError", "EdgeslimError", "ExportError", "FineTune", "ModelArtifact",
+    "ModelError", "PTQInt8Config", "RunResult", "RuntimeConfig", "Task", "TechniqueConfig", "accuracy", "compress",
     "list_techniques", "load_recipe", "parse_recipe", "quantize_static", "register", "run_recipe",
 ]

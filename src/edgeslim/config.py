@@ -2,6 +2,8 @@
 
 A recipe step is ``{"technique": NAME, field: value, ...}``; the fields are exactly the config
 dataclass's fields. Unknown fields and wrong types are rejected up front, naming the field.
+Settings shared by several techniques are one nested value (:class:`Partial`, e.g.
+``fine_tune: {epochs: 1}``) whose unset fields take the step's own defaults.
 """
 
 from __future__ import annotations
@@ -48,8 +50,30 @@ class Checked:
         """Raise ConfigError naming the field when a value is out of range."""
 
 
+class Partial(Checked):
+    """Mixin for settings nested in several configs (``fine_tune``): a field left ``None`` is unset
+    and takes the value of the enclosing config's default for that settings field. So
+    ``DistillConfig(fine_tune=FineTune(epochs=1))`` and the recipe ``fine_tune: {epochs: 1}`` change
+    the epochs only, keeping distill's own learning rate and temperature, and the config stores
+    the complete settings (see :func:`check_fields`). To change one field of a config you hold,
+    replace it in that config's settings: ``replace(cfg, fine_tune=replace(cfg.fine_tune, epochs=0))``
+    (a partial ``FineTune`` is completed from the class default, not from ``cfg``)."""
+
+    def over(self, base: "Partial") -> "Partial":
+        """These settings with every unset (None) field taken from ``base``."""
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def check_fields(obj: Any) -> None:
-    """Check every init field of dataclass ``obj`` against its type hint and range."""
+    """Check every init field of dataclass ``obj`` against its type hint and range; a nested
+    :class:`Partial` value is completed from the field's default."""
     import math
 
     hints = typing.get_type_hints(type(obj))
@@ -57,6 +81,8 @@ def check_fields(obj: Any) -> None:
         if not f.init:
             continue
         value = coerce(getattr(obj, f.name), hints[f.name], f.name)
+        if isinstance(value, Partial) and isinstance(_default(f), type(value)):
+            value = value.over(_default(f))
         object.__setattr__(obj, f.name, value)  # frozen dataclasses too: this is construction
         for v in _numbers(value):
             if isinstance(v, float) and not math.isfinite(v):
@@ -105,11 +131,12 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        _refuse_moved(unknown[0], data[unknown[0]], fields, hints, where)
         known = ", ".join(sorted(fields)) or "none"
         raise ConfigError(f"{where}.{unknown[0]}: unknown field (known: {known})")
-    hints = typing.get_type_hints(cls)
     values = {name: coerce(value, hints[name], f"{where}.{name}") for name, value in data.items()}
     try:
         return cls(**values)
@@ -121,6 +148,22 @@ def build_dataclass(cls: type, data: Any, where: str) -> Any:
         raise ConfigError(f"{where}.{msg}" if names_field else f"{where}: {msg}") from None
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{where}: {err}") from None
+
+
+def _refuse_moved(name: str, value: Any, fields: dict[str, dataclasses.Field], hints: dict[str, Any],
+                  where: str) -> None:
+    """ConfigError with the new spelling when ``name`` is a field of a nested :class:`Partial`
+    (the flat ``epochs: 1`` of a fine-tuning step, now ``fine_tune: {epochs: 1}``)."""
+    import json
+
+    for field in fields:
+        hint = hints[field]
+        if isinstance(hint, type) and issubclass(hint, Partial) and name in {f.name for f in dataclasses.fields(hint)}:
+            try:
+                shown = json.dumps(value)
+            except (TypeError, ValueError):
+                shown = repr(value)
+            raise ConfigError(f"{where}.{name}: moved into {field} (write {field}: {{{name}: {shown}}})")
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
@@ -176,20 +219,3 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else build_dataclass(hint, value, where)
     return value
-
-
-def check_fine_tune(config: Any) -> None:
-    """The fields every fine-tuning technique shares (``epochs``, ``lr``, ``batch_size``,
-    ``temperature``, ``alpha``, ``augment_shift``): ConfigError naming the first bad one."""
-    import math
-
-    for name, low in (("epochs", 0), ("batch_size", 1), ("augment_shift", 0)):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
-    if not (math.isfinite(config.lr) and config.lr > 0):
-        raise ConfigError(f"lr: must be > 0, got {config.lr}")
-    if not (math.isfinite(config.temperature) and config.temperature >= 0):
-        raise ConfigError(f"temperature: must be >= 0 (0 = plain fine-tune), got {config.temperature}")
-    if not 0.0 <= config.alpha <= 1.0:
-        raise ConfigError(f"alpha: must be in [0, 1], got {config.alpha}")

@@ -183,21 +183,24 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
             artifact.files = dict(artifact.files)
             if artifact.onnx is None:
                 check_finite(artifact.torch, f"after step {name}")
+            if artifact.sparsity is not None:
+                artifact.sparsity.check(artifact.torch, name)
         graph = artifact.onnx if artifact.onnx is not None else task.export(artifact.torch)
+        files, size_file = _stage_files(artifact)
         seconds = time.perf_counter() - t0
         path = stage_dir / label / "model.onnx"
         io.write_bytes(path, graph.SerializeToString())
-        for fname, content in artifact.files.items():
+        for fname, content in files.items():
             io.write_bytes(path.parent / fname, content.encode() if isinstance(content, str) else content)
         stage = Stage(label, name if tech else None, step.to_dict() if step else None,
                       stages[-1].name if stages else None, path)
         stage.metrics = _static_measures(path, graph, task, label)
         stage.metrics["onnx_size_bytes"] = stage.metrics["size_bytes"]
-        if artifact.size_file is not None:
-            if artifact.size_file not in artifact.files:
-                raise ConfigError(f"{name}: size_file {artifact.size_file!r} is not among the stage's files")
-            stage.metrics["size_bytes"] = (path.parent / artifact.size_file).stat().st_size
-            stage.metrics["size_file"] = artifact.size_file
+        if size_file is not None:
+            if size_file not in files:
+                raise ConfigError(f"{name}: size_file {size_file!r} is not among the stage's files")
+            stage.metrics["size_bytes"] = (path.parent / size_file).stat().st_size
+            stage.metrics["size_file"] = size_file
         stage.metrics["step_seconds"] = round(seconds, 3)
         stage.metrics.update({f"note_{k}": v for k, v in artifact.notes.items()})
         console.print(f"  {task.metric_name} {stage.metrics[task.metric_name]:.4f}  size {stage.metrics['size_bytes']:,} B")
@@ -206,6 +209,22 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
     _relative(stages, task.metric_name)
     rt = {**vars(runtime), "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__}
     return RunResult(stages, stages[0].name, task.metric_name, rt, machine_info(), stage_dir)
+
+
+def _stage_files(artifact: ModelArtifact) -> tuple[dict[str, str | bytes], str | None]:
+    """The stage's files and the one that is its size: the step's own, plus the sparse file of a
+    model that carries sparsity (``weights.sparse``, :func:`edgeslim.prune.sparse.encode_sparse`
+    at the sparsity's ``index_bits``) unless a lowered graph or the step's own compact file
+    (``size_file``) is the deployable form. Written here, from the stage's weights, so no step
+    re-encodes it after changing them."""
+    files, size_file = dict(artifact.files), artifact.size_file
+    if artifact.sparsity is not None and artifact.onnx is None and size_file is None:
+        from edgeslim.prune.sparse import encode_sparse
+        from edgeslim.sparsity import SPARSE_FILE
+
+        files[SPARSE_FILE] = encode_sparse(artifact.torch, index_bits=artifact.sparsity.index_bits)
+        size_file = SPARSE_FILE
+    return files, size_file
 
 
 def _static_measures(path: Path, graph: onnx.ModelProto, task: Task, stage: str) -> dict[str, Any]:

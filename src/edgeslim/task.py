@@ -12,6 +12,7 @@ from torch import nn
 
 from edgeslim.errors import ConfigError, DataError, ModelError, first_line
 from edgeslim.evaluate.metrics import METRICS, accuracy  # noqa: F401  (their home; imported from here too)
+from edgeslim.sparsity import Sparsity
 
 # A data set is a torch DataLoader yielding (x, y) batches, or an (X, y) pair of arrays/tensors.
 Data = Union[torch.utils.data.DataLoader, tuple[Any, Any]]
@@ -200,15 +201,24 @@ class ModelArtifact:
 
     A technique that only changes weights returns a new ``torch`` module and ``onnx=None`` (the
     pipeline exports it); a lowering technique (int8 PTQ) sets ``onnx`` to the graph it built.
+
+    What later steps must respect travels in typed fields, never in ``notes``: ``sparsity``
+    (:class:`~edgeslim.sparsity.Sparsity`, set by ``prune_magnitude``) holds the masks of the
+    pruned weights, which every step that trains keeps and every other step passes on (or drops,
+    saying so, when it changes the weights' shapes). For a model that carries sparsity the
+    pipeline writes the stage's sparse file and reports it as ``size_bytes``, unless the step
+    lowered the model or named its own compact file. ``notes`` are facts for people
+    (``metrics.json``); no step reads them.
     """
 
     torch: nn.Module
     onnx: onnx.ModelProto | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str | bytes] = field(default_factory=dict)  # extra files for the stage folder
-    # Name of an entry of ``files`` that is the stage's deployable compact form (a sparse or
-    # Huffman-coded weight file): the pipeline reports its bytes as ``size_bytes``.
+    # Name of an entry of ``files`` that is the stage's deployable compact form (a Huffman-coded
+    # weight file): the pipeline reports its bytes as ``size_bytes``.
     size_file: str | None = None
+    sparsity: Sparsity | None = None  # pruned weights later steps must keep at zero
 
     def float_copy(self, technique: str) -> nn.Module:
         """An eval-mode copy of the float model for a technique that lowers it; ConfigError if a

@@ -1,4 +1,5 @@
-"""Deterministic training, accuracy evaluation and safe checkpoint I/O.
+"""Deterministic training, accuracy evaluation and safe checkpoint I/O; :class:`FineTune`, the
+settings of every step that fine-tunes.
 
 Training uses AdamW with a one-cycle schedule: it reaches good accuracy on the small benchmark
 sets in 2-3 epochs without per-model learning-rate tuning, which SGD+momentum needs.
@@ -11,6 +12,8 @@ import io
 import math
 import pickle
 from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 from torch.utils.data import DataLoader
 
+from edgeslim.config import Partial
 from edgeslim.errors import CheckpointError, DataError, NumericalError
 from edgeslim.io import write_bytes
 
@@ -31,8 +35,52 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 
+@dataclass(frozen=True)
+class FineTune(Partial):
+    """How a step fine-tunes (``fine_tune: {epochs: 1, lr: 0.002}`` in a recipe): one value shared
+    by ``prune_magnitude``, ``prune_channels``, ``lowrank``, ``cluster``, ``distill`` and ``qat_int8``.
+
+    A field left unset (None) takes the step's own default: each step declares a complete
+    ``FineTune`` as its default (``distill``: 2 epochs at lr 1e-4, temperature 4), so
+    ``fine_tune: {epochs: 1}`` changes the epochs only. Ranges are checked once, by field name
+    (:data:`edgeslim.config.INT_RANGES`, :data:`~edgeslim.config.FLOAT_RANGES`); a step adds its
+    own rules (``distill`` needs ``temperature > 0``).
+
+    ``epochs`` (0 = no fine-tune), ``lr`` (AdamW, one-cycle peak), ``batch_size``, ``seed``
+    (shuffling, augmentation, dropout), ``augment_shift`` (shift each image by up to ±k pixels).
+    ``temperature > 0`` distils from the model entering the step (Hinton et al. 2015) with
+    ``alpha`` weighting the soft term; 0 trains on the labels. ``weight_decay`` (AdamW) applies to
+    the label fine-tune (temperature 0); the distillation loss runs without it. ``progress`` shows
+    the step's progress output (its training and its other long loops).
+    """
+
+    epochs: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    temperature: float | None = None
+    alpha: float | None = None
+    augment_shift: int | None = None
+    seed: int | None = None
+    progress: bool | None = None
+
+    @classmethod
+    def defaults(cls, **changes: object) -> "FineTune":
+        """Complete settings for a step's default: no fine-tune (epochs 0), lr 1e-3, batch 64, no
+        weight decay, labels (temperature 0, alpha 0.9 once it distils), no shift, seed 0, progress
+        shown; ``changes`` replace some of them (``FineTune.defaults(epochs=2, lr=1e-4)``)."""
+        base = cls(epochs=0, lr=1e-3, batch_size=64, weight_decay=0.0, temperature=0.0, alpha=0.9, augment_shift=0,
+                   seed=0, progress=True)
+        return cls(**changes).over(base)
+
+    def unset(self) -> list[str]:
+        """The fields still None (empty for the settings a config holds)."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None]
+
+
 # ------------------------------------------------------------------------------------- batching
-def _as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+def as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x float32, y int64 of shape (N,))`` from arrays or tensors; DataError when they do not pair up."""
     if y is None:
         raise DataError("labels y are required when x is an array (pass a DataLoader to omit y)")
     xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
@@ -44,7 +92,7 @@ def _as_tensors(x: ArrayLike, y: ArrayLike | None) -> tuple[torch.Tensor, torch.
     return xt, yt
 
 
-def _batches(
+def batches(
     x: ArrayLike | DataLoader, y: ArrayLike | None, batch_size: int, generator: torch.Generator | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (x, y) batches; shuffled with ``generator`` when one is given."""
@@ -52,7 +100,7 @@ def _batches(
         for xb, yb in x:
             yield xb.float(), yb.long()
         return
-    xt, yt = _as_tensors(x, y)
+    xt, yt = as_tensors(x, y)
     n = xt.shape[0]
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     for start in range(0, n, batch_size):
@@ -60,7 +108,8 @@ def _batches(
         yield xt[idx], yt[idx]
 
 
-def _num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
+def num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
+    """Batches per epoch (None for a loader without a length): the one-cycle schedule's step count."""
     if isinstance(x, DataLoader):
         try:
             return len(x)
@@ -69,7 +118,7 @@ def _num_batches(x: ArrayLike | DataLoader, batch_size: int) -> int | None:
     return math.ceil(len(x) / batch_size)
 
 
-def _random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(xb: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Translate each image by its own random (dy, dx) in [-k, k], filling with zeros."""
     if xb.dim() != 4:
         raise DataError(f"augment_shift: shifts images, needs batches shaped (N, C, H, W), got {tuple(xb.shape)}")
@@ -130,10 +179,10 @@ def train(
             f"epochs={epochs}, batch_size={batch_size}, lr={lr}, augment_shift={augment_shift}"
         )
     if not isinstance(x, DataLoader):
-        _as_tensors(x, y)  # validate once, before any work
+        as_tensors(x, y)  # validate once, before any work
     torch.manual_seed(seed)  # dropout and any other layer-level randomness
     gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
-    steps_per_epoch = _num_batches(x, batch_size)
+    steps_per_epoch = num_batches(x, batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise DataError(f"train: {type(model).__name__} has no trainable parameters")
@@ -179,9 +228,9 @@ def _epochs(model, x, y, epochs, batch_size, gen, augment_shift, batch_loss, opt
             model.train()
             bar.reset(task, total=steps_per_epoch)
             seen, correct, loss_sum = 0, 0, 0.0
-            for i, (xb, yb) in enumerate(_batches(x, y, batch_size, gen)):
+            for i, (xb, yb) in enumerate(batches(x, y, batch_size, gen)):
                 if augment_shift:
-                    xb = _random_shift(xb, augment_shift, gen)
+                    xb = random_shift(xb, augment_shift, gen)
                 loss, logits = batch_loss(model, xb, yb)
                 check_loss(loss, f"epoch {epoch}, batch {i + 1}")
                 opt.zero_grad(set_to_none=True)
@@ -212,7 +261,7 @@ def evaluate_accuracy(
     model.eval()
     seen = correct = 0
     try:
-        for xb, yb in _batches(x, y, batch_size, None):
+        for xb, yb in batches(x, y, batch_size, None):
             correct += int((model(xb).argmax(1) == yb).sum())
             seen += yb.shape[0]
     finally:

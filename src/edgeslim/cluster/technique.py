@@ -1,11 +1,12 @@
 """The ``cluster`` technique: weight sharing with a Huffman-coded compact file (Deep Compression).
 
 Each selected Linear/Conv weight is clustered by k-means over its nonzero entries (pruned zeros
-stay zero), the codebooks are fine-tuned with shared gradients on ``task.train`` (optionally with
-knowledge distillation from the model entering the step), and the result is written in the
-format of :mod:`edgeslim.cluster.format`. The stage's ``size_bytes`` is that file's size; the
-module it returns holds plain float32 weights equal to the codebook values, so its ONNX export
-is a dense float graph (no speedup: the gain is storage).
+stay zero; the layers left unclustered keep the zeros of ``artifact.sparsity``), the codebooks
+are fine-tuned with shared gradients on ``task.train`` (optionally with knowledge distillation
+from the model entering the step), and the result is written in the format of
+:mod:`edgeslim.cluster.format`. The stage's ``size_bytes`` is that file's size; the module it
+returns holds plain float32 weights equal to the codebook values, so its ONNX export is a dense
+float graph (no speedup: the gain is storage).
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from torch import nn
 
 from edgeslim.cluster.format import encode_state
 from edgeslim.cluster.kmeans import check_bits, clusterable_layers, finalize, share_weights
-from edgeslim.config import TechniqueConfig, check_fine_tune
+from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError
-from edgeslim.prune.unstructured import mask_keeper, masks_from_zeros, resolve_names
+from edgeslim.prune.unstructured import resolve_names
 from edgeslim.registry import register
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import ModelArtifact, Task, count_samples
+from edgeslim.train import FineTune
 
 FILE_NAME = "weights.esdc"
 
@@ -36,8 +39,9 @@ class ClusterConfig(TechniqueConfig):
     indices), relative indices of 8 bits (conv) and 5 bits (fc; null picks the width giving the
     smallest file). ``layer_bits`` overrides the width
     per layer (module name -> bits). ``layers`` (default: every Linear/Conv) and ``exclude`` select
-    the layers. ``epochs: 0`` skips the fine-tune; ``temperature > 0`` fine-tunes with knowledge
-    distillation from the model entering the step (``alpha`` weights the soft term).
+    the layers. ``fine_tune`` (:class:`~edgeslim.train.FineTune`; 1 epoch at lr 1e-4 by default):
+    ``epochs: 0`` skips it; ``temperature > 0`` fine-tunes with knowledge distillation from the
+    model entering the step (``alpha`` weights the soft term).
     """
 
     conv_bits: int = 8
@@ -47,14 +51,7 @@ class ClusterConfig(TechniqueConfig):
     exclude: tuple[str, ...] = ()
     conv_index_bits: int | None = 8
     fc_index_bits: int | None = 5
-    epochs: int = 1
-    lr: float = 1e-4
-    batch_size: int = 64
-    temperature: float = 0.0
-    alpha: float = 0.9
-    augment_shift: int = 0
-    seed: int = 0
-    progress: bool = True
+    fine_tune: FineTune = FineTune.defaults(epochs=1, lr=1e-4)
 
     def validate(self) -> None:
         check_bits(self.conv_bits, "conv_bits")
@@ -65,7 +62,6 @@ class ClusterConfig(TechniqueConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16):
                 raise ConfigError(f"{name}: must be an integer in 1..16 (or null: smallest file), got {value!r}")
-        check_fine_tune(self)
 
 
 def _module_names(model: nn.Module, names: tuple[str, ...] | list[str], where: str) -> list[str]:
@@ -108,30 +104,31 @@ def frozen_batchnorm(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-def _fine_tune(student: nn.Module, teacher: nn.Module, plan: dict[str, tuple[int, int | None]], config: ClusterConfig,
+def _fine_tune(student: nn.Module, teacher: nn.Module, sparsity: Sparsity | None, config: ClusterConfig,
                task: Task) -> None:
-    """Train the codebooks (and the unshared parameters) on ``task.train``; pruned zeros of layers
-    that are not clustered are kept at zero after every step."""
+    """Train the codebooks (and the unshared parameters) on ``task.train``. The pruned zeros of
+    ``sparsity`` are kept: in a clustered layer by its shared-weight parametrization (zeros are not
+    clustered), in the others by the fine-tune, which re-applies their masks after every step."""
     from edgeslim.distill.trainer import fine_tune
 
-    keep = mask_keeper(masks_from_zeros(student, [n for n in clusterable_layers(student) if n not in plan]))
+    keep = sparsity.restricted_to(student) if sparsity is not None else None  # leaves out the parametrized
     with frozen_batchnorm(student):
-        fine_tune(student, teacher, config, task.train, after_step=keep)
+        fine_tune(student, teacher, config.fine_tune, task.train, keep=keep)
 
 
 @register("cluster", ClusterConfig)
 def cluster_step(model: ModelArtifact, config: ClusterConfig, task: Task) -> ModelArtifact:
     """Weight sharing: k-means codebooks per layer, shared-gradient fine-tune, Huffman-coded file."""
-    if config.epochs and (task.train is None or count_samples(task.train) == 0):
-        raise ConfigError("epochs: centroid fine-tuning needs training data (task.train is empty); "
-                          "set epochs: 0 to skip it")
+    if config.fine_tune.epochs and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("fine_tune.epochs: centroid fine-tuning needs training data (task.train is empty); "
+                          "set fine_tune: {epochs: 0} to skip it")
     teacher = model.float_copy("cluster")
     student = copy.deepcopy(teacher)
     plan = layer_plan(student, config)
     share_weights(student, {name: bits for name, (bits, _) in plan.items()})
     try:
-        if config.epochs:
-            _fine_tune(student, teacher, plan, config, task)
+        if config.fine_tune.epochs:
+            _fine_tune(student, teacher, model.sparsity, config, task)
     finally:
         finalize(student)
     # the same weights in the copy made before clustering: parameters keep their registration
@@ -140,6 +137,7 @@ def cluster_step(model: ModelArtifact, config: ClusterConfig, task: Task) -> Mod
     student = teacher
     data = encode_state(student, {name: ib for name, (_, ib) in plan.items()} | {"*": config.fc_index_bits})
     notes = {**model.notes, "cluster": {"bits": {n: b for n, (b, _) in plan.items()}, "file_bytes": len(data),
-                                        "fine_tune_epochs": config.epochs}}
+                                        "fine_tune_epochs": config.fine_tune.epochs}}
     files = {k: v for k, v in model.files.items() if k != model.size_file} | {FILE_NAME: data}
-    return ModelArtifact(torch=student.eval(), notes=notes, files=files, size_file=FILE_NAME)
+    # the sparsity carries on (its zeros are zeros of the codebook file too); this stage's size is that file
+    return ModelArtifact(torch=student.eval(), notes=notes, files=files, size_file=FILE_NAME, sparsity=model.sparsity)

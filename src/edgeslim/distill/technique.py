@@ -10,14 +10,14 @@ fine-tune (self-distillation). For distinct teacher and student models use
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 from edgeslim.config import TechniqueConfig
-from edgeslim.distill.trainer import distill
+from edgeslim.distill.trainer import fine_tune
 from edgeslim.errors import ConfigError
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task, count_samples
+from edgeslim.train import FineTune
 
 
 @dataclass(frozen=True)
@@ -25,28 +25,17 @@ class DistillConfig(TechniqueConfig):
     """Knowledge-distillation fine-tune (Hinton et al. 2015): soft targets at ``temperature``.
 
     Loss: ``alpha * T² * KL(teacher || student at T) + (1 - alpha) * CE(student, labels)``, trained
-    with the project's AdamW + one-cycle loop on ``task.train``.
+    with the project's AdamW + one-cycle loop on ``task.train``; ``fine_tune`` sets T
+    (``temperature``, > 0 here), ``alpha``, epochs (>= 1) and the rest (:class:`~edgeslim.train.FineTune`).
     """
 
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 64
-    temperature: float = 4.0
-    alpha: float = 0.9
-    seed: int = 0
-    augment_shift: int = 0
-    progress: bool = True
+    fine_tune: FineTune = FineTune.defaults(epochs=2, lr=1e-4, temperature=4.0)
 
     def validate(self) -> None:
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ConfigError(f"temperature: must be > 0, got {self.temperature}")
-        if not (0.0 <= self.alpha <= 1.0):
-            raise ConfigError(f"alpha: must be in [0, 1], got {self.alpha}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr: must be > 0, got {self.lr}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("augment_shift", 0)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        if self.fine_tune.temperature <= 0:
+            raise ConfigError(f"fine_tune.temperature: must be > 0 (distillation), got {self.fine_tune.temperature}")
+        if self.fine_tune.epochs < 1:
+            raise ConfigError(f"fine_tune.epochs: must be >= 1, got {self.fine_tune.epochs}")
 
 
 @register("distill", DistillConfig)
@@ -54,21 +43,10 @@ def distill_step(model: ModelArtifact, config: DistillConfig, task: Task) -> Mod
     """Knowledge-distillation fine-tune: a copy of the model learns from the model's soft targets."""
     if task.train is None or count_samples(task.train) == 0:
         raise ConfigError("distill: knowledge distillation needs training data (task.train is empty)")
-    from edgeslim.prune.magnitude_technique import (  # lazy: prune imports distill
-        pruned_masks,
-        repack_sparse,
-    )
-    from edgeslim.prune.unstructured import mask_keeper
-
     teacher = model.float_copy("distill")
     student = copy.deepcopy(teacher)
-    masks = pruned_masks(model)  # a pruning step before this one: keep its zeros through the fine-tune
-    x, y = (task.train, None) if not isinstance(task.train, (tuple, list)) else task.train
-    student = distill(student, teacher, x, y, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
-                      temperature=config.temperature, alpha=config.alpha, seed=config.seed,
-                      augment_shift=config.augment_shift, progress=config.progress,
-                      after_step=None if masks is None else mask_keeper(masks))
-    notes = {**model.notes, "distill": {"temperature": config.temperature, "alpha": config.alpha,
-                                        "epochs": config.epochs}}
-    out = ModelArtifact(torch=student, notes=notes, files=dict(model.files))
-    return out if masks is None else repack_sparse(out)  # the sparse file must hold the new weights
+    ft = config.fine_tune
+    # an earlier pruning step's zeros stay zero through the fine-tune (and the stage's sparse file)
+    student = fine_tune(student, teacher, ft, task.train, keep=model.sparsity)
+    notes = {**model.notes, "distill": {"temperature": ft.temperature, "alpha": ft.alpha, "epochs": ft.epochs}}
+    return ModelArtifact(torch=student, notes=notes, files=dict(model.files), sparsity=model.sparsity)

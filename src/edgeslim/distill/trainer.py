@@ -16,7 +16,9 @@ from torch.utils.data import DataLoader
 
 from edgeslim.distill.losses import hint_loss, kd_loss, make_adapter
 from edgeslim.errors import ConfigError, DataError, ModelError, first_line
-from edgeslim.train import ArrayLike, _as_tensors, _random_shift, train
+from edgeslim.sparsity import Sparsity
+from edgeslim.task import Data
+from edgeslim.train import ArrayLike, FineTune, as_tensors, random_shift, train
 
 
 class _Student(nn.Module):
@@ -59,7 +61,7 @@ def _example_batch(x: ArrayLike | DataLoader, y: ArrayLike | None, batch_size: i
         for xb, _ in x:
             return xb.float()
         raise DataError("distill: the data loader yielded no batches")
-    xt, _ = _as_tensors(x, y)
+    xt, _ = as_tensors(x, y)
     return xt[: max(1, min(batch_size, xt.shape[0]))]
 
 
@@ -126,7 +128,7 @@ def distill(
 
         xb = _example_batch(x, y, batch_size)
         if augment_shift:  # size adapters on the shapes training will see
-            xb = _random_shift(xb, augment_shift, torch.Generator().manual_seed(seed))
+            xb = random_shift(xb, augment_shift, torch.Generator().manual_seed(seed))
         student.eval()
         with torch.no_grad():
             try:
@@ -180,22 +182,42 @@ def _make_batch_loss(
     return batch_loss
 
 
-def fine_tune(student: nn.Module, teacher: nn.Module, config, data, *, epochs: int | None = None,
-              lr: float | None = None, after_step: Callable[[nn.Module], None] | None = None,
-              weight_decay: float = 0.0) -> nn.Module:
-    """The fine-tune every lossy step shares: ``config.temperature > 0`` distils from ``teacher``
-    (Hinton KD with ``config.alpha``), 0 trains on the labels with cross-entropy (and
-    ``weight_decay``). ``config`` carries ``epochs``, ``lr`` (the arguments override both),
-    ``batch_size``, ``seed``, ``progress`` and ``augment_shift`` (see
-    :func:`edgeslim.config.check_fine_tune`); ``data`` is a DataLoader or an ``(x, y)`` pair.
+def fine_tune(student: nn.Module, teacher: nn.Module | None, settings: FineTune, data: Data, *,
+              epochs: int | None = None, lr: float | None = None,
+              after_step: Callable[[nn.Module], None] | None = None, keep: Sparsity | None = None) -> nn.Module:
+    """The fine-tune every lossy step shares, as ``settings`` says: ``temperature > 0`` distils from
+    ``teacher`` (Hinton KD with ``alpha``), 0 trains on the labels with cross-entropy (and
+    ``weight_decay``). ``epochs`` and ``lr`` override the settings' (a final or per-round
+    fine-tune); ``data`` is a DataLoader or an ``(x, y)`` pair. After every optimizer step
+    ``after_step(student)`` runs, then the pruned weights of ``keep`` (the sparsity of the model
+    entering the step, ``artifact.sparsity``) are zeroed again, so no fine-tune regrows them.
 
     With distillation, ``augment_shift`` > 0 shows teacher and student the same randomly shifted
     images ("function matching", Beyer et al. 2022): the student learns the teacher's function on
     inputs near the training set, which needs nothing but the teacher (no new labels)."""
+    unset = settings.unset()
+    if unset:
+        raise ConfigError(f"fine_tune.{unset[0]}: not set (a step's config completes its fine_tune from its defaults)")
     x, y = (data, None) if not isinstance(data, (tuple, list)) else data
-    common = {"epochs": config.epochs if epochs is None else epochs, "lr": config.lr if lr is None else lr,
-              "batch_size": config.batch_size, "seed": config.seed, "progress": config.progress,
-              "after_step": after_step, "augment_shift": config.augment_shift}
-    if config.temperature > 0:
-        return distill(student, teacher, x, y, temperature=config.temperature, alpha=config.alpha, **common)
-    return train(student, x, y, weight_decay=weight_decay, **common)
+    common = {"epochs": settings.epochs if epochs is None else epochs, "lr": settings.lr if lr is None else lr,
+              "batch_size": settings.batch_size, "seed": settings.seed, "progress": settings.progress,
+              "after_step": _then(after_step, None if keep is None else keep.keeper()),
+              "augment_shift": settings.augment_shift}
+    if settings.temperature > 0:
+        if teacher is None:
+            raise ConfigError("fine_tune.temperature: distillation needs a teacher model")
+        return distill(student, teacher, x, y, temperature=settings.temperature, alpha=settings.alpha, **common)
+    return train(student, x, y, weight_decay=settings.weight_decay, **common)
+
+
+def _then(first: Callable[[nn.Module], None] | None,
+          second: Callable[[nn.Module], None] | None) -> Callable[[nn.Module], None] | None:
+    """One ``after_step`` running ``first`` then ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def both(model: nn.Module) -> None:
+        first(model)
+        second(model)
+
+    return both

@@ -4,6 +4,10 @@ Per layer: choose ranks from the weight's spectrum (:mod:`edgeslim.lowrank.rank`
 (truncated SVD for Linear and 1x1 convs, Tucker-2 for k x k convs), and keep the layer unchanged
 when the factors would not be smaller than it (the note says why). The plan is computed for every
 layer before any module is replaced, so bad ranks fail fast.
+
+The sparsity of an earlier pruning step (``artifact.sparsity``) is carried for the layers left
+unfactorized (kept through the fine-tune) and dropped for the factorized ones, whose dense
+factors replace the pruned weight.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from edgeslim.config import TechniqueConfig, check_fine_tune
+from edgeslim.config import TechniqueConfig
 from edgeslim.distill.trainer import fine_tune
 from edgeslim.errors import ConfigError
 from edgeslim.lowrank.rank import (
@@ -28,6 +32,7 @@ from edgeslim.lowrank.svd import factorize_conv_svd, factorize_linear, svd_param
 from edgeslim.lowrank.tucker import captured_energy, factorize_conv, mode_singular_values, tucker2_params, unfold
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task, count_samples
+from edgeslim.train import FineTune
 
 __all__ = ["LayerPlan", "LowRankConfig", "apply_plan", "lowrank", "plan_for_speedup", "plan_ranks"]
 
@@ -42,9 +47,9 @@ class LowRankConfig(TechniqueConfig):
     ``latency`` picks the highest kept energy whose factorized model is measured (ORT, 1 thread,
     the task's example input) at least ``target_speedup`` times faster than the input model.
     ``layers`` names modules (a container selects the layers inside it; empty = all), ``exclude``
-    removes some. With ``epochs`` > 0 the factorized model is fine-tuned on ``task.train``,
-    distilling from the model entering the step when ``temperature`` > 0 (Hinton et al. 2015;
-    0 = plain cross-entropy fine-tune).
+    removes some. With ``fine_tune.epochs`` > 0 the factorized model is fine-tuned on ``task.train``
+    (:class:`~edgeslim.train.FineTune`), distilling from the model entering the step when
+    ``fine_tune.temperature`` > 0 (the default 4; Hinton et al. 2015; 0 = plain cross-entropy).
     """
 
     method: Literal["auto", "svd", "tucker2"] = "auto"
@@ -59,14 +64,7 @@ class LowRankConfig(TechniqueConfig):
     exclude: tuple[str, ...] = ()
     round_to: int = 1
     min_rank: int = 1
-    epochs: int = 0
-    lr: float = 1e-4
-    batch_size: int = 64
-    temperature: float = 4.0
-    alpha: float = 0.9
-    augment_shift: int = 0
-    seed: int = 0
-    progress: bool = True
+    fine_tune: FineTune = FineTune.defaults(lr=1e-4, temperature=4.0)
 
     def validate(self) -> None:
         if not 0.0 < self.energy <= 1.0:
@@ -79,7 +77,6 @@ class LowRankConfig(TechniqueConfig):
             raise ConfigError(f"rank: only used with rank_by 'fixed' (rank_by is {self.rank_by!r})")
         if self.rank is not None and self.rank < 1:
             raise ConfigError(f"rank: must be >= 1, got {self.rank}")
-        check_fine_tune(self)
         for name, low in (("round_to", 1), ("min_rank", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
@@ -206,7 +203,7 @@ def plan_ranks(model: nn.Module, config: LowRankConfig) -> list[LayerPlan]:
     if config.rank_by == "latency":
         raise ConfigError("rank_by: 'latency' measures models on a task; use plan_for_speedup or the lowrank step")
     chosen = select_layers(model, config.layers, config.exclude)
-    with Progress(disable=not config.progress, transient=True) as bar:
+    with Progress(disable=not config.fine_tune.progress, transient=True) as bar:
         task = bar.add_task("low-rank: choosing ranks", total=len(chosen))
         plans = []
         for name, module in chosen.items():
@@ -276,8 +273,9 @@ def plan_for_speedup(model: nn.Module, config: LowRankConfig, task: Task) -> tup
 @register("lowrank", LowRankConfig)
 def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArtifact:
     """Low-rank factorization (SVD / Tucker-2) with ranks by energy, parameter budget, VBMF or fixed."""
-    if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
-        raise ConfigError("epochs: fine-tuning after lowrank needs training data (task.train is empty)")
+    ft = config.fine_tune
+    if ft.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("fine_tune.epochs: fine-tuning after lowrank needs training data (task.train is empty)")
     teacher = model.float_copy("lowrank")
     latency_note = None
     if config.rank_by == "latency":
@@ -289,12 +287,13 @@ def lowrank(model: ModelArtifact, config: LowRankConfig, task: Task) -> ModelArt
         reasons = "; ".join(f"{p.name}: {p.reason}" for p in plans[:3]) or "no Linear or Conv2d layer selected"
         raise ConfigError(f"lowrank: no layer would shrink at these settings ({reasons})")
     student = apply_plan(teacher, plans)
-    if config.epochs > 0:
-        student = fine_tune(student, teacher, config, task.train)
+    sparsity = model.sparsity.restricted_to(student) if model.sparsity is not None else None
+    if ft.epochs > 0:
+        student = fine_tune(student, teacher, ft, task.train, keep=sparsity)
     before, after = sum(p.params_before for p in plans), sum(p.params_after for p in plans)
     notes = {**model.notes, "lowrank": {
         "method": config.method, "rank_by": config.rank_by, "layers": {p.name: p.to_note() for p in plans},
         "factorized": len(done), "kept": len(plans) - len(done), "params_before": before, "params_after": after,
-        "fine_tune_epochs": config.epochs,
+        "fine_tune_epochs": ft.epochs,
     } | ({"latency": latency_note} if latency_note else {})}
-    return ModelArtifact(torch=student.eval(), notes=notes, files=dict(model.files))
+    return ModelArtifact(torch=student.eval(), notes=notes, files=dict(model.files), sparsity=sparsity)

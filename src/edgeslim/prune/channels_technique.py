@@ -3,6 +3,10 @@ optional fine-tune (plain, or knowledge distillation from the model entering the
 
 The result is a smaller dense network (fewer channels per layer), so the speedup shows on any
 runtime without sparse kernels. See :mod:`edgeslim.prune.graph` for what is coupled.
+
+The sparsity of an earlier unstructured step (``artifact.sparsity``) is carried for the weights
+this step leaves whole (same name and shape: kept through the fine-tune) and dropped for the
+weights it cuts (their remaining zeros may regrow): prune channels first for both to hold.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edgeslim.config import TechniqueConfig, check_fine_tune
+from edgeslim.config import TechniqueConfig
 from edgeslim.distill.trainer import fine_tune
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.prune.graph import DependencyGraph, build_graph
@@ -27,6 +31,7 @@ from edgeslim.prune.structured import (
 )
 from edgeslim.registry import register
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
+from edgeslim.train import FineTune
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,9 @@ class PruneChannelsConfig(TechniqueConfig):
     ``ratio`` is the share of channels removed per group (``scope="uniform"``) or over all groups
     ranked together (``"global"``); ``overrides`` maps a producing layer to its own ratio;
     ``exclude`` lists layers left whole; kept counts are rounded to multiples of ``round_to``.
-    ``temperature > 0`` fine-tunes by distillation from the unpruned model (Hinton et al. 2015).
+    ``fine_tune`` (:class:`~edgeslim.train.FineTune`; none by default): ``temperature > 0``
+    distils from the unpruned model (Hinton et al. 2015). Taylor importance scores
+    ``taylor_batches`` batches of ``fine_tune.batch_size``.
     """
 
     ratio: float = 0.25
@@ -45,15 +52,8 @@ class PruneChannelsConfig(TechniqueConfig):
     round_to: int = 1
     overrides: dict[str, float] = field(default_factory=dict)
     exclude: tuple[str, ...] = ()
-    epochs: int = 0
-    lr: float = 1e-3
-    batch_size: int = 64
-    temperature: float = 0.0
-    alpha: float = 0.9
-    augment_shift: int = 0
+    fine_tune: FineTune = FineTune.defaults()
     taylor_batches: int = 4
-    seed: int = 0
-    progress: bool = True
 
     def validate(self) -> None:
         check_ratio(self.ratio, "ratio")
@@ -69,7 +69,6 @@ class PruneChannelsConfig(TechniqueConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name}: must be an integer >= {low}, got {value!r}")
-        check_fine_tune(self)
 
     def plan(self) -> PrunePlan:
         return PrunePlan(ratio=self.ratio, scope=self.scope, round_to=self.round_to,
@@ -93,7 +92,8 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneChannelsCo
         if task is None:
             raise ConfigError("importance: 'taylor' needs task data with labels")
         data = task.train if task.train is not None else task.calibration
-        batches = iter_batches(data, config.batch_size, limit=config.batch_size * config.taylor_batches)
+        size = config.fine_tune.batch_size
+        batches = iter_batches(data, size, limit=size * config.taylor_batches)
     scores = compute_importance(graph, config.importance, work, batches)
     keep = plan_keep(graph, scores, config.plan())
     return remove_channels(work, graph, keep, example), graph, keep
@@ -102,9 +102,10 @@ def prune_model(model: nn.Module, example: torch.Tensor, config: PruneChannelsCo
 @register("prune_channels", PruneChannelsConfig)
 def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task) -> ModelArtifact:
     """Structured channel pruning with physical removal (a smaller dense model), then fine-tune."""
-    if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
-        raise ConfigError("epochs: fine-tuning after pruning needs training data (task.train is empty); "
-                          "set epochs: 0 or give train data")
+    ft = config.fine_tune
+    if ft.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("fine_tune.epochs: fine-tuning after pruning needs training data (task.train is empty); "
+                          "set fine_tune: {epochs: 0} or give train data")
     if len(task.example_inputs) != 1:
         raise ModelError(f"prune_channels: supports single-input models, this one takes {len(task.example_inputs)}")
     source = model.float_copy("prune_channels")
@@ -115,14 +116,15 @@ def prune_channels(model: ModelArtifact, config: PruneChannelsConfig, task: Task
                          "(every channel feeds the output or an op kept whole)")
     if (config.ratio > 0 or config.overrides) and not channel_counts(graph, keep):
         raise ConfigError(f"ratio: {config.ratio} removes no channel (groups too small for round_to={config.round_to}?)")
-    if config.epochs > 0:
-        pruned = fine_tune(pruned, source, config, task.train)
+    sparsity = model.sparsity.restricted_to(pruned) if model.sparsity is not None else None
+    if ft.epochs > 0:
+        pruned = fine_tune(pruned, source, ft, task.train, keep=sparsity)
     macs_after = dict(build_graph(copy.deepcopy(pruned), example).macs)
     notes = {**model.notes, "prune_channels": {
         "ratio": config.ratio, "scope": config.scope, "importance": config.importance,
         "channels": {layer: list(v) for layer, v in channel_counts(graph, keep).items()},
         "params_before": _count(source), "params_after": _count(pruned),
         "macs_before": sum(graph.macs.values()), "macs_after": sum(macs_after.values()),
-        "fine_tune": {"epochs": config.epochs, "temperature": config.temperature} if config.epochs else None,
+        "fine_tune": {"epochs": ft.epochs, "temperature": ft.temperature} if ft.epochs else None,
     }}
-    return ModelArtifact(torch=pruned.eval(), notes=notes, files=dict(model.files))
+    return ModelArtifact(torch=pruned.eval(), notes=notes, files=dict(model.files), sparsity=sparsity)

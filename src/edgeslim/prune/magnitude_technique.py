@@ -2,7 +2,9 @@
 an optional (distillation) fine-tune; the stage's size is its measured sparse file.
 
 Unstructured zeros do not make ONNX Runtime's dense kernels faster; the gain is the compact
-file (:mod:`edgeslim.prune.sparse`), which the stage reports as its ``size_bytes``.
+file (:mod:`edgeslim.prune.sparse`), which the stage reports as its ``size_bytes``. The step sets
+``artifact.sparsity`` (its masks and ``index_bits``): later steps keep the zeros, and the pipeline
+writes the sparse file of this stage and of every later one that carries them.
 """
 
 from __future__ import annotations
@@ -15,27 +17,23 @@ from typing import Literal
 
 from torch import nn
 
-from edgeslim.config import TechniqueConfig, check_fine_tune
+from edgeslim.config import TechniqueConfig
 from edgeslim.errors import ConfigError
 from edgeslim.prune.schedule import GradualPruner, iterative_prune
-from edgeslim.prune.sparse import encode_sparse
 from edgeslim.prune.unstructured import (
     Masks,
     apply_masks,
     layer_sparsity,
     magnitude_masks,
     mask_keeper,
-    masks_from_zeros,
     nm_masks,
     resolve_names,
     sparsity_of,
 )
 from edgeslim.registry import register
+from edgeslim.sparsity import Sparsity
 from edgeslim.task import ModelArtifact, Task, count_samples
-
-SPARSE_FILE = "weights.sparse"
-NOTE_LAYERS = "prune_layers"  # notes key: the weight names holding pruned zeros (JSON-friendly)
-NOTE_BITS = "prune_index_bits"  # notes key: index_bits of the sparse file
+from edgeslim.train import FineTune
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,13 @@ class PruneMagnitudeConfig(TechniqueConfig):
     """Unstructured magnitude pruning (Han et al. 2015), or N:M when ``m > 0`` (then ``sparsity``,
     ``scope`` and ``overrides`` do not apply: the pattern fixes the sparsity at 1 - n/m).
 
-    ``schedule``: ``one_shot`` prunes once, then fine-tunes ``epochs``; ``gradual`` prunes during the
-    ``epochs`` of fine-tuning on Zhu & Gupta's cubic schedule (``updates`` mask updates);
-    ``iterative`` runs ``rounds`` of prune + ``epochs`` of retraining (Han et al.). ``final_epochs``
-    then fine-tunes the finished sparse model once more, at ``final_lr`` (default ``lr``): a short
-    retraining per round and a long one at the end. ``overrides`` maps a layer (module or weight
-    name) to its own sparsity. ``temperature > 0`` fine-tunes by distillation from the model
-    entering the step; ``augment_shift`` shifts the images of that fine-tune (see
+    ``schedule``: ``one_shot`` prunes once, then fine-tunes ``fine_tune.epochs``; ``gradual`` prunes
+    during the epochs of fine-tuning on Zhu & Gupta's cubic schedule (``updates`` mask updates);
+    ``iterative`` runs ``rounds`` of prune + ``fine_tune.epochs`` of retraining (Han et al.).
+    ``final_epochs`` then fine-tunes the finished sparse model once more, at ``final_lr`` (default
+    ``fine_tune.lr``): a short retraining per round and a long one at the end. ``overrides`` maps a
+    layer (module or weight name) to its own sparsity. ``fine_tune`` (:class:`~edgeslim.train.FineTune`;
+    ``temperature > 0`` distils from the model entering the step, see
     :func:`edgeslim.distill.trainer.fine_tune`). The sparse file stores gaps in ``index_bits``.
     """
 
@@ -62,18 +60,10 @@ class PruneMagnitudeConfig(TechniqueConfig):
     m: int = 0
     rounds: int = 3
     updates: int = 10
-    epochs: int = 0
-    lr: float = 1e-3
+    fine_tune: FineTune = FineTune.defaults()
     final_epochs: int = 0
     final_lr: float | None = None
-    batch_size: int = 64
-    weight_decay: float = 0.0
-    temperature: float = 0.0
-    alpha: float = 0.9
-    augment_shift: int = 0
     index_bits: int = 5
-    seed: int = 0
-    progress: bool = True
 
     def validate(self) -> None:
         if isinstance(self.sparsity, bool) or not (0.0 <= self.sparsity < 1.0):
@@ -88,21 +78,19 @@ class PruneMagnitudeConfig(TechniqueConfig):
                 raise ConfigError("m: N:M pruning is one_shot and layer-wise, without overrides")
         elif self.m < 0:
             raise ConfigError(f"m: must be >= 0 (0 = unstructured), got {self.m}")
-        check_fine_tune(self)
-        lows = (("rounds", 1), ("updates", 1), ("index_bits", 1), ("seed", 0), ("final_epochs", 0))
+        lows = (("rounds", 1), ("updates", 1), ("index_bits", 1), ("final_epochs", 0))
         for name, low in lows:
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
         if self.index_bits > 16:
             raise ConfigError(f"index_bits: must be <= 16, got {self.index_bits}")
-        if self.schedule != "one_shot" and self.epochs < 1:
-            raise ConfigError(f"epochs: the {self.schedule} schedule prunes while fine-tuning; set epochs >= 1")
+        if self.schedule != "one_shot" and self.fine_tune.epochs < 1:
+            raise ConfigError(f"fine_tune.epochs: the {self.schedule} schedule prunes while fine-tuning; "
+                              "set fine_tune: {epochs: 1} or more")
         if self.final_lr is not None and not (math.isfinite(self.final_lr) and self.final_lr > 0):
-            raise ConfigError(f"final_lr: must be > 0 (or null: lr), got {self.final_lr}")
-        if self.final_epochs and self.epochs < 1:
-            raise ConfigError("final_epochs: a final fine-tune needs the fine-tune settings; set epochs >= 1")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+            raise ConfigError(f"final_lr: must be > 0 (or null: fine_tune.lr), got {self.final_lr}")
+        if self.final_epochs and self.fine_tune.epochs < 1:
+            raise ConfigError("final_epochs: a final fine-tune needs the fine-tune settings; set fine_tune.epochs >= 1")
 
 
 def _mask_fn(config: PruneMagnitudeConfig) -> Callable[[nn.Module, float], Masks]:
@@ -124,8 +112,7 @@ def _fine_tune(config: PruneMagnitudeConfig, task: Task, teacher: nn.Module | No
     from edgeslim.distill.trainer import fine_tune
 
     def retrain(model: nn.Module, after_step: Callable[[nn.Module], None]) -> nn.Module:
-        return fine_tune(model, teacher, config, task.train, epochs=epochs, lr=lr, after_step=after_step,
-                         weight_decay=config.weight_decay)
+        return fine_tune(model, teacher, config.fine_tune, task.train, epochs=epochs, lr=lr, after_step=after_step)
 
     return retrain
 
@@ -141,17 +128,19 @@ def prune_model(model: nn.Module, config: PruneMagnitudeConfig, task: Task) -> t
     """Prune a copy of ``model`` as ``config`` says, fine-tuning on ``task.train``; returns it and its masks."""
     for name in (*config.overrides, *config.exclude):
         resolve_names(model, [name], "overrides" if name in config.overrides else "exclude")
-    if config.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
-        raise ConfigError("epochs: fine-tuning needs training data (task.train is empty); set epochs: 0")
-    teacher = copy.deepcopy(model).eval() if config.temperature > 0 and config.epochs > 0 else None
+    ft = config.fine_tune
+    if ft.epochs > 0 and (task.train is None or count_samples(task.train) == 0):
+        raise ConfigError("fine_tune.epochs: fine-tuning needs training data (task.train is empty); "
+                          "set fine_tune: {epochs: 0}")
+    teacher = copy.deepcopy(model).eval() if ft.temperature > 0 and ft.epochs > 0 else None
     student = copy.deepcopy(model)
     mask_fn = _mask_fn(config)
-    retrain = _fine_tune(config, task, teacher, config.epochs) if config.epochs > 0 else None
+    retrain = _fine_tune(config, task, teacher, ft.epochs) if ft.epochs > 0 else None
     if config.schedule == "iterative":
-        masks = iterative_prune(student, mask_fn, config.rounds, retrain, config.progress)
+        masks = iterative_prune(student, mask_fn, config.rounds, retrain, ft.progress)
     elif config.schedule == "gradual":
-        total = config.epochs * _steps_per_epoch(task, config.batch_size)
-        pruner = GradualPruner.over(mask_fn, total, n=config.updates, progress=config.progress)
+        total = ft.epochs * _steps_per_epoch(task, ft.batch_size)
+        pruner = GradualPruner.over(mask_fn, total, n=config.updates, progress=ft.progress)
         student = retrain(student, pruner)
         masks = pruner.finish(student)
     else:
@@ -171,24 +160,8 @@ def prune_magnitude(model: ModelArtifact, config: PruneMagnitudeConfig, task: Ta
     base = model.float_copy("prune_magnitude")
     pruned, masks = prune_model(base, config, task)
     kept = sum(int(m.sum()) for m in masks.values())
-    notes = {**model.notes, NOTE_LAYERS: sorted(masks), "sparsity": round(sparsity_of(pruned), 6),
-             "layer_sparsity": {k: round(v, 6) for k, v in layer_sparsity(pruned).items()},
-             "kept_weights": kept, NOTE_BITS: config.index_bits}
-    files = {**model.files, SPARSE_FILE: encode_sparse(pruned, index_bits=config.index_bits)}
-    return ModelArtifact(torch=pruned, notes=notes, files=files, size_file=SPARSE_FILE)
-
-
-def pruned_masks(model: ModelArtifact) -> Masks | None:
-    """The masks of a model a pruning step made (its zeros, for the layers it noted); None if unpruned.
-
-    Later weight-changing steps (``distill``) keep these zeros with ``mask_keeper``."""
-    names = model.notes.get(NOTE_LAYERS)
-    return masks_from_zeros(model.torch, names) if names else None
-
-
-def repack_sparse(artifact: ModelArtifact) -> ModelArtifact:
-    """Re-encode the sparse file of a pruned model whose weights a later step changed (in place)."""
-    bits = int(artifact.notes.get(NOTE_BITS, 5))
-    artifact.files = {**artifact.files, SPARSE_FILE: encode_sparse(artifact.torch, index_bits=bits)}
-    artifact.size_file = SPARSE_FILE
-    return artifact
+    notes = {**model.notes, "sparsity": round(sparsity_of(pruned), 6),
+             "layer_sparsity": {k: round(v, 6) for k, v in layer_sparsity(pruned).items()}, "kept_weights": kept}
+    # these masks replace any earlier step's: they are the zeros of the model this step returns
+    return ModelArtifact(torch=pruned, notes=notes, files=dict(model.files),
+                         sparsity=Sparsity(masks, index_bits=config.index_bits))

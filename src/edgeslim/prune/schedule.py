@@ -14,7 +14,7 @@ from rich.console import Console
 from torch import nn
 
 from edgeslim.errors import ConfigError
-from edgeslim.prune.unstructured import Masks, apply_masks, mask_keeper
+from edgeslim.sparsity import Masks, apply_masks, mask_keeper
 
 MaskFn = Callable[[nn.Module, float], Masks]
 Retrain = Callable[[nn.Module, Callable[[nn.Module], None]], nn.Module]

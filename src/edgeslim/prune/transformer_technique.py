@@ -4,6 +4,10 @@ Scores come from :mod:`edgeslim.prune.transformer` (weight magnitude, or Michel 
 head-gate gradients on task calibration data); the lowest-scoring heads and neurons are removed
 physically, then an optional short fine-tune distils the pruned encoder back to the outputs of
 the model that entered the step (cosine or MSE to its embeddings, on the task's sentences).
+
+The sparsity of an earlier unstructured step is dropped (``artifact.sparsity`` becomes None): the
+step reshapes the encoder's Linear layers and refits their output projections by least squares,
+so no earlier mask describes its weights; run ``prune_magnitude`` after it to have both.
 """
 
 from __future__ import annotations
@@ -175,4 +179,4 @@ def prune_transformer(model: ModelArtifact, config: PruneTransformerConfig, task
         "removed_heads": {str(i): v for i, v in drop_heads.items() if v},
         "params_before": params_before, "params_after": _param_count(student), "kd_epochs": config.kd_epochs,
     }}
-    return ModelArtifact(torch=student, notes=notes, files=dict(model.files))
+    return ModelArtifact(torch=student, notes=notes, files=dict(model.files), sparsity=None)  # dropped: see above

@@ -15,15 +15,15 @@ sparsity matches the request to one weight.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
-from edgeslim.errors import ConfigError, ModelError
+from edgeslim.errors import ConfigError
+from edgeslim.sparsity import Masks, apply_masks, mask_keeper  # their home; re-exported for the prune API
 
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-Masks = dict[str, torch.Tensor]
 
 __all__ = [
     "PRUNABLE",
@@ -158,35 +158,6 @@ def nm_masks(
     if not masks:
         raise ConfigError(f"m: no Linear/Conv layer has an input size divisible by m={m}")
     return masks
-
-
-def _check_masks(params: dict[str, nn.Parameter], masks: Mapping[str, torch.Tensor]) -> None:
-    for name, mask in masks.items():
-        if name not in params:
-            raise ModelError(f"mask for {name!r}: the model has no such parameter")
-        if tuple(mask.shape) != tuple(params[name].shape):
-            raise ModelError(f"mask for {name!r} has shape {tuple(mask.shape)}, the weight {tuple(params[name].shape)}")
-
-
-@torch.no_grad()
-def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Zero the pruned weights in place (``+0.0``, never ``-0.0``); returns ``model``."""
-    params = dict(model.named_parameters())
-    _check_masks(params, masks)
-    for name, mask in masks.items():
-        params[name].masked_fill_(~mask.to(params[name].device, torch.bool), 0.0)
-    return model
-
-
-def mask_keeper(masks: Mapping[str, torch.Tensor]) -> Callable[[nn.Module], None]:
-    """A callable for ``train(..., after_step=...)``: re-zeroes pruned weights after every optimizer
-    step, so fine-tuning cannot regrow them (the optimizer's momentum would otherwise)."""
-    frozen = {k: v.to(torch.bool) for k, v in masks.items()}
-
-    def keep(model: nn.Module) -> None:
-        apply_masks(model, frozen)
-
-    return keep
 
 
 def masks_from_zeros(model: nn.Module, names: Iterable[str] | None = None) -> Masks:

@@ -35,7 +35,7 @@ from edgeslim.quantize.ptq import resolve_activation_dtype
 from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, count_samples
-from edgeslim.train import _batches, _num_batches, check_loss
+from edgeslim.train import FineTune, batches, check_loss, num_batches
 
 PARITY_MAX_STEPS = 4.0  # ExportError beyond this many output quantization steps
 
@@ -54,11 +54,11 @@ class QATConfig(TechniqueConfig):
     which needs no torch.fx trace and takes several inputs (transformers; quantize/qat_linear.py):
     it trains on ``task.train``, or without it on the calibration inputs, reproducing the float
     model's outputs where there are no class labels; ``per_token`` as in ``ptq_int8``.
+    ``fine_tune`` (:class:`~edgeslim.train.FineTune`; 2 epochs at lr 1e-4, decayed on a cosine here)
+    trains on the labels: QAT takes no temperature or augment_shift.
     """
 
-    epochs: int = 2
-    lr: float = 1e-4
-    batch_size: int = 64
+    fine_tune: FineTune = FineTune.defaults(epochs=2, lr=1e-4)
     learn_scales: bool = True
     freeze_observers_epoch: int = 1
     freeze_bn_epoch: int = 1
@@ -66,14 +66,16 @@ class QATConfig(TechniqueConfig):
     activation_dtype: Literal["auto", "int8", "uint8"] = "auto"
     op_types: tuple[str, ...] = ()
     per_token: tuple[str, ...] = ()
-    seed: int = 0
-    progress: bool = True
 
     def validate(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr: must be a positive number, got {self.lr}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("freeze_observers_epoch", 0), ("freeze_bn_epoch", 0),
-                          ("calibration_samples", 1)):
+        ft = self.fine_tune
+        if ft.epochs < 1:
+            raise ConfigError(f"fine_tune.epochs: must be >= 1, got {ft.epochs}")
+        for name in ("temperature", "augment_shift"):
+            if getattr(ft, name):
+                raise ConfigError(f"fine_tune.{name}: qat_int8 trains on the labels without it; must be 0, "
+                                  f"got {getattr(ft, name)}")
+        for name, low in (("freeze_observers_epoch", 0), ("freeze_bn_epoch", 0), ("calibration_samples", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
         for op in self.op_types:
@@ -274,19 +276,20 @@ def _set_modes(qat: QATModel, enabled: bool, calibrating: bool) -> None:
 
 
 def set_epoch(qat: QATModel, epoch: int, config: QATConfig) -> None:
-    """Observer / LSQ / BN modes for 0-based ``epoch`` (epoch >= config.epochs: all frozen)."""
-    observing = epoch < config.freeze_observers_epoch and epoch < config.epochs
+    """Observer / LSQ / BN modes for 0-based ``epoch`` (epoch >= fine_tune.epochs: all frozen)."""
+    epochs = config.fine_tune.epochs
+    observing = epoch < config.freeze_observers_epoch and epoch < epochs
     for fq in qat.act_quants.values():
         fq.observing = observing
-        fq.learn = config.learn_scales and not observing and epoch < config.epochs
+        fq.learn = config.learn_scales and not observing and epoch < epochs
         fq.scale.requires_grad_(fq.learn)
     for layer in qat.weighted.values():
-        layer.wq.scale.requires_grad_(config.learn_scales and epoch < config.epochs)
-        layer.bn_frozen = layer.bn is None or epoch >= config.freeze_bn_epoch or epoch >= config.epochs
+        layer.wq.scale.requires_grad_(config.learn_scales and epoch < epochs)
+        layer.bn_frozen = layer.bn is None or epoch >= config.freeze_bn_epoch or epoch >= epochs
 
 
 # --------------------------------------------------------------------------------- train
-def _param_groups(qat: QATModel, lr: float) -> list[dict]:
+def param_groups(qat: QATModel, lr: float) -> list[dict]:
     """Weights at ``lr``; each step size at ``lr * s0 / w_ref``. Adam moves every parameter by
     about lr per step whatever its size, so a step size s0 ~ 1e-3 would jump by ~lr; this gives
     it the relative rate of a typical weight (w_ref = mean |folded weight|) instead."""
@@ -307,18 +310,19 @@ def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[in
 
     ``after_step()`` runs after every optimizer step (a pruned model's masks are re-applied there)."""
     x, y = (data, None) if isinstance(data, torch.utils.data.DataLoader) else data
-    torch.manual_seed(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    opt = torch.optim.AdamW(_param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
-    steps = (_num_batches(x, config.batch_size) or 1) * config.epochs
+    ft = config.fine_tune
+    torch.manual_seed(ft.seed)
+    gen = torch.Generator().manual_seed(ft.seed)
+    opt = torch.optim.AdamW(param_groups(qat, ft.lr), lr=ft.lr, weight_decay=ft.weight_decay)
+    steps = (num_batches(x, ft.batch_size) or 1) * ft.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_fn = nn.CrossEntropyLoss()
-    console = Console(stderr=True, quiet=not config.progress)
-    for epoch in range(config.epochs):
+    console = Console(stderr=True, quiet=not ft.progress)
+    for epoch in range(ft.epochs):
         set_epoch(qat, epoch, config)
         qat.module.train()
         seen, correct, loss_sum = 0, 0, 0.0
-        for i, (xb, yb) in enumerate(_batches(x, y, config.batch_size, gen)):
+        for i, (xb, yb) in enumerate(batches(x, y, ft.batch_size, gen)):
             logits = qat.module(xb)
             loss = loss_fn(logits, yb)
             check_loss(loss, f"qat_int8 epoch {epoch + 1}, batch {i + 1}")
@@ -334,10 +338,10 @@ def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[in
             loss_sum += loss.item() * len(yb)
         if seen == 0:
             raise DataError("qat_int8: the training data yielded no batches")
-        console.print(f"qat epoch {epoch + 1}/{config.epochs}  loss {loss_sum / seen:.4f}  train acc {correct / seen:.2%}")
+        console.print(f"qat epoch {epoch + 1}/{ft.epochs}  loss {loss_sum / seen:.4f}  train acc {correct / seen:.2%}")
         if on_epoch_end is not None:
             on_epoch_end(epoch, qat)
-    set_epoch(qat, config.epochs, config)
+    set_epoch(qat, ft.epochs, config)
     qat.module.eval()
     return qat
 
@@ -393,40 +397,20 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
         raise ConfigError("qat_int8: QAT needs training data (task.train is empty)")
     model.float_copy("qat_int8")  # refuses an already-lowered model
     qat = prepare_qat(model.torch, task, config)
-    size = min(config.batch_size, config.calibration_samples)
+    size = min(config.fine_tune.batch_size, config.calibration_samples)
     samples = calibrate_qat(qat, (x for x, _ in task.calibration_batches(size, limit=config.calibration_samples)))
-    train_qat(qat, task.train, config, after_step=_mask_keeper(model, qat))
+    keep = model.sparsity.keeper() if model.sparsity is not None else None  # a pruned model must not regrow
+    # the fake-quant layers wrap the very modules of qat.source, whose parameter names are the
+    # model's; a zero weight quantizes to the integer 0 (symmetric grid): the int8 graph stays sparse
+    train_qat(qat, task.train, config, after_step=None if keep is None else (lambda: keep(qat.source)))
     float_model, qdq = convert_qat(qat, task, config.activation_dtype)
     diff, step = integer_parity(qat, qdq, next(x for x, _ in task.calibration_batches(32)))
     if diff > PARITY_MAX_STEPS * step + 1e-6:
         raise ExportError(f"qat_int8: ORT integer kernels differ from the fake-quant model by {diff:.3g} "
                           f"(> {PARITY_MAX_STEPS:g} output steps of {step:.3g})")
-    notes = {"qat_epochs": config.epochs, "calibration_samples": samples, "parity_max_abs_diff": diff,
+    notes = {"qat_epochs": config.fine_tune.epochs, "calibration_samples": samples, "parity_max_abs_diff": diff,
              "parity_output_steps": diff / step}
-    return ModelArtifact(torch=float_model, onnx=qdq, notes=notes), qat
-
-
-def _mask_keeper(model: ModelArtifact, qat: QATModel) -> Callable[[], None] | None:
-    """After a pruning step: re-zero the pruned weights of the QAT model after each step (QAT on a
-    pruned model must not regrow them). The fake-quant layers wrap the very modules of
-    ``qat.source``, so the masks apply to its parameters by their original names; a zero weight
-    quantizes to the integer 0 (symmetric weight grid), so the exported graph keeps the sparsity."""
-    from edgeslim.prune.magnitude_technique import pruned_masks
-
-    masks = pruned_masks(model)
-    if not masks:
-        return None
-    params = dict(qat.source.named_parameters())
-    missing = sorted(set(masks) - set(params))
-    if missing:
-        raise ModelError(f"qat_int8: pruned layer {missing[0]!r} is not a parameter of the model entering QAT")
-    pairs = [(params[name], mask) for name, mask in masks.items()]
-
-    def keep() -> None:
-        for p, mask in pairs:
-            p.mul_(mask.to(p.dtype))
-
-    return keep
+    return ModelArtifact(torch=float_model, onnx=qdq, notes=notes, sparsity=model.sparsity), qat
 
 
 @register("qat_int8", QATConfig)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token
 from edgeslim.quantize.ptq import plan_per_token, resolve_activation_dtype
 from edgeslim.runtime.ort import make_session, run
+from edgeslim.sparsity import Sparsity, mask_keeper
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
 from edgeslim.train import check_loss
 
@@ -135,6 +137,19 @@ def _unwrapped(source: nn.Module, wrapped: dict[str, QuantLinear]) -> nn.Module:
     return model.eval()
 
 
+def _keeper(sparsity: Sparsity | None, wrapped: dict[str, QuantLinear]) -> Callable[[nn.Module], None] | None:
+    """``artifact.sparsity``'s keeper for the wrapped model: a wrapped Linear's weight is
+    ``<layer>.layer.op.weight`` there (the float model after training has the original names)."""
+    if sparsity is None:
+        return None
+
+    def renamed(name: str) -> str:
+        module, _, leaf = name.rpartition(".")
+        return f"{module}.layer.op.{leaf}" if module in wrapped else name
+
+    return mask_keeper({renamed(n): m for n, m in sparsity.masks.items()})
+
+
 def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     """QAT of the Linear layers ``config.op_types`` selects; see the module docstring."""
     for op in config.op_types:
@@ -153,23 +168,25 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     _set(acts, wrapped, enabled=False, calibrating=True)
     _mode(source, acts, False)
     with torch.no_grad():
-        for x, _ in task.calibration_batches(config.batch_size, limit=config.calibration_samples):
+        for x, _ in task.calibration_batches(config.fine_tune.batch_size, limit=config.calibration_samples):
             source(*_inputs(x))
     _set(acts, wrapped, enabled=True)
 
-    from edgeslim.quantize.qat import QATModel, _param_groups, set_epoch  # qat imports this module lazily
+    from edgeslim.quantize.qat import QATModel, param_groups, set_epoch  # qat imports this module lazily
 
     qat = QATModel(source, source, plan, acts, {n: w.layer for n, w in wrapped.items()})
-    torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(_param_groups(qat, config.lr), lr=config.lr, weight_decay=0.0)
-    steps = max(1, math.ceil(count_samples(data) / config.batch_size) * config.epochs)
+    keep = _keeper(model.sparsity, wrapped)
+    ft = config.fine_tune
+    torch.manual_seed(ft.seed)
+    opt = torch.optim.AdamW(param_groups(qat, ft.lr), lr=ft.lr, weight_decay=ft.weight_decay)
+    steps = max(1, math.ceil(count_samples(data) / ft.batch_size) * ft.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    console = Console(stderr=True, quiet=not config.progress)
-    for epoch in range(config.epochs):
+    console = Console(stderr=True, quiet=not ft.progress)
+    for epoch in range(ft.epochs):
         set_epoch(qat, epoch, config)
         _mode(source, acts, True)
         seen, loss_sum = 0, 0.0
-        for x, y in iter_batches(_shuffled(data, config.seed + epoch), config.batch_size):
+        for x, y in iter_batches(_shuffled(data, ft.seed + epoch), ft.batch_size):
             xs = _inputs(x)
             out = _first(source(*xs))
             if y is not None and np.asarray(y).ndim == 1 and np.asarray(y).dtype.kind in "iu":
@@ -182,13 +199,15 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if keep is not None:
+                keep(source)
             sched.step()
             seen += len(xs[0])
             loss_sum += float(loss.detach()) * len(xs[0])
         if seen == 0:
             raise DataError("qat_int8: the training data yielded no batches")
-        console.print(f"qat epoch {epoch + 1}/{config.epochs}  loss {loss_sum / seen:.6f}  ({seen} {data_name} samples)")
-    set_epoch(qat, config.epochs, config)
+        console.print(f"qat epoch {epoch + 1}/{ft.epochs}  loss {loss_sum / seen:.6f}  ({seen} {data_name} samples)")
+    set_epoch(qat, ft.epochs, config)
     _mode(source, acts, False)
 
     # Export: the trained float weights, lowered with the learned parameters, layer by layer.
@@ -235,6 +254,6 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     if per_token:
         graph = lower_per_token(graph, per_token, dtype)
     graph = quantize_embeddings(graph)  # int8 embedding rows, as ptq_int8 stores them
-    notes = {"qat_epochs": config.epochs, "qat_data": data_name, "qat_layers": len(wrapped),
+    notes = {"qat_epochs": config.fine_tune.epochs, "qat_data": data_name, "qat_layers": len(wrapped),
              "per_token_layers": sorted(per_token), "parity_max_abs_diff": diff, "parity_min_cosine": float(cos.min())}
-    return ModelArtifact(torch=float_model, onnx=graph, notes=notes)
+    return ModelArtifact(torch=float_model, onnx=graph, notes=notes, sparsity=model.sparsity)
