@@ -5,13 +5,16 @@ qat_int8 (quantization-aware training, learned scales exported exactly),
 dynamic_int8 (run-time activation quantization), weight_only (int4/int8 group-wise MatMulNBits).
 """
 
-from edgeslim.quantize.dynamic import DynamicInt8Config, quantize_dynamic_graph
+from edgeslim.quantize.dynamic import quantize_dynamic_graph
+from edgeslim.quantize.dynamic_technique import DynamicInt8Config
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import lower_qdq, plan_quantization
-from edgeslim.quantize.mixed import MixedPrecisionConfig, mixed_precision
-from edgeslim.quantize.ptq import PTQInt8Config, check_integer_parity, ptq_int8, quantize_static
+from edgeslim.quantize.mixed_technique import MixedPrecisionConfig, mixed_precision
+from edgeslim.quantize.ptq import check_integer_parity, quantize_static
+from edgeslim.quantize.ptq_technique import PTQInt8Config, ptq_int8
 from edgeslim.quantize.qat import QATConfig, qat_int8
-from edgeslim.quantize.weight_only import WeightOnlyConfig, quantize_weight_only_graph
+from edgeslim.quantize.weight_only import quantize_weight_only_graph
+from edgeslim.quantize.weight_only_technique import WeightOnlyConfig
 
 __all__ = [
     "DynamicInt8Config",
