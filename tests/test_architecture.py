@@ -12,7 +12,7 @@ from edgeslim.config import TechniqueConfig
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "edgeslim"
 FINE_TUNE_FIELDS = {"epochs", "lr", "temperature", "alpha", "augment_shift"}
-TECHNIQUE_PACKAGES = ("prune", "distill", "quantize", "lowrank", "cluster")
+TECHNIQUE_PACKAGES = ("prune", "distill", "quantize", "qat", "lowrank", "cluster")
 
 
 
@@ -119,11 +119,13 @@ def test_technique_packages_import_each_other_without_a_cycle():
 
 
 def test_later_steps_read_sparsity_from_the_artifact_not_from_prune():
-    """distill and quantize (qat_int8) keep a pruned model's zeros through ModelArtifact.sparsity
-    (edgeslim.sparsity), so neither needs the prune package."""
+    """distill and qat (qat_int8) keep a pruned model's zeros through ModelArtifact.sparsity
+    (edgeslim.sparsity), so neither needs the prune package; quantize trains nothing and needs neither."""
     graph = _package_graph()
     assert "prune" not in graph["distill"], graph["distill"]
+    assert "prune" not in graph["qat"], graph["qat"]
     assert "prune" not in graph["quantize"], graph["quantize"]
+    assert "qat" not in graph["quantize"], graph["quantize"]
 
 
 def test_the_import_parser_sees_imports_inside_functions(tmp_path):

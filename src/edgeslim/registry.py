@@ -47,6 +47,7 @@ def _load_builtin() -> None:
     import edgeslim.distill  # noqa: F401
     import edgeslim.lowrank  # noqa: F401
     import edgeslim.prune  # noqa: F401
+    import edgeslim.qat  # noqa: F401
     import edgeslim.quantize  # noqa: F401
 
 
