@@ -132,3 +132,19 @@ def test_the_import_parser_sees_imports_inside_functions(tmp_path):
     source = "def f():\n    from edgeslim.prune.unstructured import _x\n    from ..distill import trainer\n"
     found = _imports("edgeslim.cluster.technique", tmp_path / "technique.py", ast.parse(source))
     assert ("edgeslim.prune.unstructured", "_x", 2) in found and ("edgeslim.distill", "trainer", 3) in found
+
+
+def test_each_technique_registers_in_its_technique_module():
+    """registry.py's rule: technique.py in a package with one technique, <name>_technique.py in a
+    package with several; the config is declared in the same module."""
+    by_package: dict[str, list[registry.Technique]] = {}
+    for tech in registry.list_techniques():
+        by_package.setdefault(tech.fn.__module__.split(".")[1], []).append(tech)
+    offenders = []
+    for package, techs in by_package.items():
+        for tech in techs:
+            leaf = tech.fn.__module__.rpartition(".")[2]
+            ok = leaf == "technique" if len(techs) == 1 else leaf.endswith("_technique") and leaf != "_technique"
+            if not ok or tech.config_type.__module__ != tech.fn.__module__:
+                offenders.append(f"{tech.name}: {tech.fn.__module__} (config in {tech.config_type.__module__})")
+    assert not offenders, "see registry.py's docstring for where a technique lives:\n" + "\n".join(offenders)

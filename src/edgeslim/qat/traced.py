@@ -1,4 +1,5 @@
-"""Quantization-aware training (QAT) whose learned int8 parameters deploy exactly in ORT's QDQ graph.
+"""QAT by torch.fx tracing (the default path of ``qat_int8``), whose learned int8 parameters deploy
+exactly in ORT's QDQ graph.
 
 Placement comes from the lowering itself: the BN-folded float model is exported, ``plan_quantization``
 decides where Q/DQ pairs go, and each planned tensor is located in the ``torch.fx`` graph of the
