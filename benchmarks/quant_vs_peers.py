@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import parser, run_sections  # noqa: E402
 from _peers import nncf_quantize, ort_quantize_dynamic, ort_quantize_static  # noqa: E402
 
+from edgeslim.qat import QATConfig, qat_int8  # noqa: E402
 from edgeslim.quantize import (  # noqa: E402
-    DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, QATConfig, WeightOnlyConfig, qat_int8,
-    quantize_dynamic_graph, quantize_static, quantize_weight_only_graph,
+    DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, WeightOnlyConfig, mixed_precision, quantize_dynamic_graph,
+    quantize_static, quantize_weight_only_graph,
 )
-from edgeslim.quantize.mixed import mixed_precision  # noqa: E402
-from edgeslim.quantize.weight_only import weight_only  # noqa: E402
+from edgeslim.quantize.weight_only_technique import weight_only  # noqa: E402
 from edgeslim.runtime import compare_latency, export_onnx, inspect_optimized, make_session, run  # noqa: E402
 from edgeslim.task import ModelArtifact, Task, iter_batches  # noqa: E402
 from edgeslim.train import FineTune  # noqa: E402

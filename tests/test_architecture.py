@@ -12,7 +12,7 @@ from edgeslim.config import TechniqueConfig
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "edgeslim"
 FINE_TUNE_FIELDS = {"epochs", "lr", "temperature", "alpha", "augment_shift"}
-TECHNIQUE_PACKAGES = ("prune", "distill", "quantize", "lowrank", "cluster")
+TECHNIQUE_PACKAGES = ("prune", "distill", "quantize", "qat", "lowrank", "cluster")
 
 
 
@@ -119,14 +119,32 @@ def test_technique_packages_import_each_other_without_a_cycle():
 
 
 def test_later_steps_read_sparsity_from_the_artifact_not_from_prune():
-    """distill and quantize (qat_int8) keep a pruned model's zeros through ModelArtifact.sparsity
-    (edgeslim.sparsity), so neither needs the prune package."""
+    """distill and qat (qat_int8) keep a pruned model's zeros through ModelArtifact.sparsity
+    (edgeslim.sparsity), so neither needs the prune package; quantize trains nothing and needs neither."""
     graph = _package_graph()
     assert "prune" not in graph["distill"], graph["distill"]
+    assert "prune" not in graph["qat"], graph["qat"]
     assert "prune" not in graph["quantize"], graph["quantize"]
+    assert "qat" not in graph["quantize"], graph["quantize"]
 
 
 def test_the_import_parser_sees_imports_inside_functions(tmp_path):
     source = "def f():\n    from edgeslim.prune.unstructured import _x\n    from ..distill import trainer\n"
     found = _imports("edgeslim.cluster.technique", tmp_path / "technique.py", ast.parse(source))
     assert ("edgeslim.prune.unstructured", "_x", 2) in found and ("edgeslim.distill", "trainer", 3) in found
+
+
+def test_each_technique_registers_in_its_technique_module():
+    """registry.py's rule: technique.py in a package with one technique, <name>_technique.py in a
+    package with several; the config is declared in the same module."""
+    by_package: dict[str, list[registry.Technique]] = {}
+    for tech in registry.list_techniques():
+        by_package.setdefault(tech.fn.__module__.split(".")[1], []).append(tech)
+    offenders = []
+    for package, techs in by_package.items():
+        for tech in techs:
+            leaf = tech.fn.__module__.rpartition(".")[2]
+            ok = leaf == "technique" if len(techs) == 1 else leaf.endswith("_technique") and leaf != "_technique"
+            if not ok or tech.config_type.__module__ != tech.fn.__module__:
+                offenders.append(f"{tech.name}: {tech.fn.__module__} (config in {tech.config_type.__module__})")
+    assert not offenders, "see registry.py's docstring for where a technique lives:\n" + "\n".join(offenders)

@@ -12,10 +12,10 @@ from torch import nn
 from edgeslim import registry
 from edgeslim.errors import ConfigError
 from edgeslim.pipeline import RuntimeConfig, compress
-from edgeslim.quantize.dynamic import DynamicInt8Config, quantize_dynamic_graph
+from edgeslim.quantize import DynamicInt8Config, WeightOnlyConfig
+from edgeslim.quantize.dynamic import quantize_dynamic_graph
 from edgeslim.quantize.weight_only import (
     NBitsWeight,
-    WeightOnlyConfig,
     dequantize,
     pack_bits,
     pack_weight,

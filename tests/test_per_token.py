@@ -9,8 +9,8 @@ from torch import nn
 
 from edgeslim.errors import ConfigError
 from edgeslim.evaluate.metrics import cosine, sqnr_db
-from edgeslim.quantize import DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, quantize_dynamic_graph, quantize_static
-from edgeslim.quantize.mixed import mixed_precision
+from edgeslim.quantize import (DynamicInt8Config, MixedPrecisionConfig, PTQInt8Config, mixed_precision,
+                               quantize_dynamic_graph, quantize_static)
 from edgeslim.quantize.per_token import lower_per_token, match_layers
 from edgeslim.runtime import benchmark_latency, denormals_flushed, export_onnx, make_session, run
 from edgeslim.task import ModelArtifact, Task

@@ -19,9 +19,9 @@ from torch import nn
 from edgeslim import registry
 from edgeslim.data import load_digits
 from edgeslim.errors import ConfigError, ModelError
+from edgeslim.qat import QATConfig, qat_int8
+from edgeslim.qat.traced import calibrate_qat, prepare_qat, quantization_aware_training, train_qat
 from edgeslim.quantize import PTQInt8Config, ptq_int8
-from edgeslim.quantize.qat import (QATConfig, calibrate_qat, prepare_qat, qat_int8, quantization_aware_training,
-                                   train_qat)
 from edgeslim.runtime import inspect_optimized
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task

@@ -8,7 +8,8 @@ from torch import nn
 
 from edgeslim.errors import ConfigError, ModelError
 from edgeslim.evaluate.metrics import cosine
-from edgeslim.quantize import PTQInt8Config, QATConfig, qat_int8, quantize_static
+from edgeslim.qat import QATConfig, qat_int8
+from edgeslim.quantize import PTQInt8Config, quantize_static
 from edgeslim.runtime import make_session, run
 from edgeslim.task import ModelArtifact, Task
 from edgeslim.train import FineTune

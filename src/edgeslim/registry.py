@@ -2,6 +2,15 @@
 
 A technique is ``fn(model: ModelArtifact, config, task) -> ModelArtifact``; recipes name it by
 string, the Python API by its config type (``compress(model, [PTQInt8Config()])``).
+
+Where a technique lives: the module that declares a technique's config and registers its function
+is ``technique.py`` in a package with one technique (distill/, cluster/, lowrank/, qat/), and
+``<name>_technique.py`` in a package with several (prune/magnitude_technique.py,
+quantize/ptq_technique.py, ...). That module holds the config, the registered function and what
+only they need; the algorithm stays in the package's other modules, which name the config type for
+annotations only (under ``typing.TYPE_CHECKING``), so the technique module imports the algorithm
+and never the reverse. The package's ``__init__`` imports each technique module (that runs
+``@register``) and re-exports its config; :func:`_load_builtin` imports each package.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ def _load_builtin() -> None:
     import edgeslim.distill  # noqa: F401
     import edgeslim.lowrank  # noqa: F401
     import edgeslim.prune  # noqa: F401
+    import edgeslim.qat  # noqa: F401
     import edgeslim.quantize  # noqa: F401
 
 

@@ -33,49 +33,26 @@ Weights are symmetric int8 in [-127, 127] (zero point 0, so MatMulInteger's b_ze
 omitted), per output column or per tensor. Activations are uint8 (DynamicQuantizeLinear's only
 output type), i.e. the U8S8 kernels; on x86 CPUs without VNNI, MLAS's U8S8 path can saturate
 int16 intermediates (ORT's quantize_dynamic offers 7-bit reduce_range for such CPUs).
+
+The technique (``DynamicInt8Config``, the registered ``dynamic_int8``) is in dynamic_technique.py.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Collection
+from typing import TYPE_CHECKING, Collection
 
 import onnx
 from onnx import TensorProto
 
-from edgeslim.config import TechniqueConfig
-from edgeslim.errors import ConfigError, ModelError
+from edgeslim.errors import ModelError
 from edgeslim.quantize.embedding import quantize_embeddings
 from edgeslim.quantize.lower import quantize_weight
-from edgeslim.registry import register
 from edgeslim.runtime.graph_edit import NodeEditor, check_exclude, find_linear_sites, node_label, replace_nodes
-from edgeslim.task import ModelArtifact, Task
+
+if TYPE_CHECKING:
+    from edgeslim.quantize.dynamic_technique import DynamicInt8Config
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
-
-
-@dataclass(frozen=True)
-class DynamicInt8Config(TechniqueConfig):
-    """Dynamic int8: int8 weights of MatMul/Gemm layers, activations quantized per call (no calibration).
-
-    ``per_channel`` gives each output column its own weight scale. ``ops`` picks the layer types
-    to quantize and ``exclude`` names nodes of the exported graph to keep in float.
-    ``activation_matmuls`` also quantizes MatMuls between two activations (attention scores),
-    both sides per call; off by default because it was slower and less accurate (module docstring).
-    """
-
-    per_channel: bool = True
-    ops: tuple[str, ...] = ("MatMul", "Gemm")
-    exclude: tuple[str, ...] = ()
-    activation_matmuls: bool = False
-    embeddings: bool = True  # int8 rows for embedding tables (Gather): see quantize/embedding.py
-
-    def validate(self) -> None:
-        if not self.ops:
-            raise ConfigError(f"ops: give at least one of {', '.join(SUPPORTED_OPS)}")
-        for op in self.ops:
-            if op not in SUPPORTED_OPS:
-                raise ConfigError(f"ops: {op!r} is not supported (use {', '.join(SUPPORTED_OPS)})")
 
 
 def _dynamic_matmul_sites(graph: onnx.GraphProto, ops: Collection[str], exclude: Collection[str],
@@ -88,12 +65,17 @@ def _dynamic_matmul_sites(graph: onnx.GraphProto, ops: Collection[str], exclude:
             and n.input[0] not in inits and n.input[1] not in inits]
 
 
-def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = DynamicInt8Config()) -> onnx.ModelProto:
-    """A copy of float ``model`` with its MatMul/Gemm layers on dynamic int8 (see the module docstring).
+def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config | None = None) -> onnx.ModelProto:
+    """A copy of float ``model`` with its MatMul/Gemm layers on dynamic int8 (see the module docstring);
+    ``config`` None is ``DynamicInt8Config()``.
 
     Raises ConfigError when ``config.exclude`` names an unknown node, ModelError when the graph's
     opset predates DynamicQuantizeLinear (11).
     """
+    if config is None:
+        from edgeslim.quantize.dynamic_technique import DynamicInt8Config  # it imports this module
+
+        config = DynamicInt8Config()
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if opset < 11:
         raise ModelError(f"dynamic int8 needs ONNX opset >= 11 (DynamicQuantizeLinear), the graph has opset {opset}")
@@ -143,16 +125,3 @@ def quantize_dynamic_graph(model: onnx.ModelProto, config: DynamicInt8Config = D
     if config.embeddings:
         out = quantize_embeddings(out)
     return out
-
-
-@register("dynamic_int8", DynamicInt8Config)
-def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) -> ModelArtifact:
-    """Dynamic int8 quantization of Linear layers (int8 weights, activations quantized at run time)."""
-    module = model.float_copy("dynamic_int8")
-    fp32 = task.export(module)
-    graph = quantize_dynamic_graph(fp32, config)
-    ops = [n.op_type for n in graph.graph.node]
-    notes = {"quantized_layers": ops.count("MatMulInteger"),
-             "dynamic_quantize_nodes": ops.count("DynamicQuantizeLinear"),
-             "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes)

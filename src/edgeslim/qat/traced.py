@@ -1,4 +1,5 @@
-"""Quantization-aware training (QAT) whose learned int8 parameters deploy exactly in ORT's QDQ graph.
+"""QAT by torch.fx tracing (the default path of ``qat_int8``), whose learned int8 parameters deploy
+exactly in ORT's QDQ graph.
 
 Placement comes from the lowering itself: the BN-folded float model is exported, ``plan_quantization``
 decides where Q/DQ pairs go, and each planned tensor is located in the ``torch.fx`` graph of the
@@ -14,97 +15,29 @@ from __future__ import annotations
 import ast
 import copy
 import math
-from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import onnx
 import torch
 import torch.fx as fx
 from onnx import numpy_helper
-from rich.console import Console
 from torch import nn
 
-from edgeslim.config import TechniqueConfig
-from edgeslim.errors import ConfigError, DataError, ExportError, ModelError
-from edgeslim.quantize.fake_quant import (CONVS, ActFakeQuant, QuantWeighted, conv_bn_pairs, fold_source, folded_params,
-                                          node_scope, set_submodule, trace_model)
+from edgeslim.errors import ConfigError, ExportError, ModelError
+from edgeslim.qat.fake_quant import (CONVS, ActFakeQuant, QuantWeighted, conv_bn_pairs, fold_source, folded_params,
+                                     node_scope, set_submodule, trace_model)
+from edgeslim.qat.model import BatchLoss, QATModel, activation_grid, calibrate, fit
 from edgeslim.quantize.fold import fold_batchnorm
 from edgeslim.quantize.lower import QuantPlan, lower_qdq, plan_quantization
-from edgeslim.quantize.ptq import resolve_activation_dtype
-from edgeslim.registry import register
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.task import ModelArtifact, Task, count_samples
-from edgeslim.train import FineTune, batches, check_loss, num_batches
+from edgeslim.train import batches, num_batches
+
+if TYPE_CHECKING:
+    from edgeslim.qat.technique import QATConfig
 
 PARITY_MAX_STEPS = 4.0  # ExportError beyond this many output quantization steps
-
-
-@dataclass(frozen=True)
-class QATConfig(TechniqueConfig):
-    """Int8 quantization-aware training, lowered to the same integer kernels as ``ptq_int8``.
-
-    Activation ranges start from ``calibration_samples`` (min/max), follow EMA min/max observers
-    until epoch ``freeze_observers_epoch`` (0-based), then stay fixed, or are learned (LSQ) with
-    ``learn_scales``, which also learns the per-channel weight step sizes from the start.
-    BatchNorm uses batch statistics until epoch ``freeze_bn_epoch``, running statistics after.
-    ``activation_dtype`` only changes the exported zero points (uint8 zp = int8 zp + 128 gives
-    the same grid); "auto" is uint8 on x86-64, where ORT fuses shared int8 tensors poorly (see PTQ).
-    ``op_types: ["MatMul"]`` switches to QAT of the Linear layers by module wrapping,
-    which needs no torch.fx trace and takes several inputs (transformers; quantize/qat_linear.py):
-    it trains on ``task.train``, or without it on the calibration inputs, reproducing the float
-    model's outputs where there are no class labels; ``per_token`` as in ``ptq_int8``.
-    ``fine_tune`` (:class:`~edgeslim.train.FineTune`; 2 epochs at lr 1e-4, decayed on a cosine here)
-    trains on the labels: QAT takes no temperature or augment_shift.
-    """
-
-    fine_tune: FineTune = FineTune.defaults(epochs=2, lr=1e-4)
-    learn_scales: bool = True
-    freeze_observers_epoch: int = 1
-    freeze_bn_epoch: int = 1
-    calibration_samples: int = 256
-    activation_dtype: Literal["auto", "int8", "uint8"] = "auto"
-    op_types: tuple[str, ...] = ()
-    per_token: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        ft = self.fine_tune
-        if ft.epochs < 1:
-            raise ConfigError(f"fine_tune.epochs: must be >= 1, got {ft.epochs}")
-        for name in ("temperature", "augment_shift"):
-            if getattr(ft, name):
-                raise ConfigError(f"fine_tune.{name}: qat_int8 trains on the labels without it; must be 0, "
-                                  f"got {getattr(ft, name)}")
-        for name, low in (("freeze_observers_epoch", 0), ("freeze_bn_epoch", 0), ("calibration_samples", 1)):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name}: must be >= {low}, got {getattr(self, name)}")
-        for op in self.op_types:
-            if op != "MatMul":
-                raise ConfigError(f"op_types: QAT of Linear layers supports MatMul only, got {op!r}")
-        if self.per_token and not self.op_types:
-            raise ConfigError("per_token: needs op_types (per-token layers exist on the Linear-layer QAT path)")
-
-
-@dataclass
-class QATModel:
-    """A fake-quantized model and its link to the planned ONNX graph."""
-
-    module: fx.GraphModule  # the fake-quant model that trains; shares layers with ``source``
-    source: nn.Module  # the user's architecture (a copy) whose weights training updates
-    plan: QuantPlan  # placement on the exported float graph
-    act_quants: dict[str, ActFakeQuant]  # calibrated ONNX tensor name -> quantizer
-    weighted: dict[str, QuantWeighted]  # ONNX Conv/Gemm/MatMul node name -> quantized layer
-    bn_pairs: list[tuple[str, str]] = field(default_factory=list)  # (conv path, bn path) folded at export
-
-    def scale_parameters(self) -> list[nn.Parameter]:
-        return [q.scale for q in self.act_quants.values()] + [w.wq.scale for w in self.weighted.values()]
-
-    @torch.no_grad()
-    def simulate(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
-        """Output of the fake-quant model (eval mode) on ``x``: what the int8 graph should compute."""
-        self.module.eval()
-        out = self.module(torch.as_tensor(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x)
-        return (out[0] if isinstance(out, (tuple, list)) else out).numpy()
 
 
 # ------------------------------------------------------------------------------- matching
@@ -253,97 +186,30 @@ def prepare_qat(model: nn.Module, task: Task, config: QATConfig) -> QATModel:
     return QATModel(gm, source, plan, act_quants, weighted, pair_paths)
 
 
-@torch.no_grad()
 def calibrate_qat(qat: QATModel, batches) -> int:
     """Initial activation ranges: min/max of the float model over ``batches``; returns samples seen."""
-    seen = 0
-    _set_modes(qat, enabled=False, calibrating=True)
-    qat.module.eval()
-    try:
-        for x in batches:
-            qat.module(torch.as_tensor(np.asarray(x, dtype=np.float32)))
-            seen += len(x)
-    finally:
-        _set_modes(qat, enabled=True, calibrating=False)
-    return seen
-
-
-def _set_modes(qat: QATModel, enabled: bool, calibrating: bool) -> None:
-    for fq in qat.act_quants.values():
-        fq.enabled, fq.calibrating = enabled, calibrating
-    for layer in qat.weighted.values():
-        layer.enabled = enabled
-
-
-def set_epoch(qat: QATModel, epoch: int, config: QATConfig) -> None:
-    """Observer / LSQ / BN modes for 0-based ``epoch`` (epoch >= fine_tune.epochs: all frozen)."""
-    epochs = config.fine_tune.epochs
-    observing = epoch < config.freeze_observers_epoch and epoch < epochs
-    for fq in qat.act_quants.values():
-        fq.observing = observing
-        fq.learn = config.learn_scales and not observing and epoch < epochs
-        fq.scale.requires_grad_(fq.learn)
-    for layer in qat.weighted.values():
-        layer.wq.scale.requires_grad_(config.learn_scales and epoch < epochs)
-        layer.bn_frozen = layer.bn is None or epoch >= config.freeze_bn_epoch or epoch >= epochs
+    return calibrate(qat, ((torch.as_tensor(np.asarray(x, dtype=np.float32)),) for x in batches))
 
 
 # --------------------------------------------------------------------------------- train
-def param_groups(qat: QATModel, lr: float) -> list[dict]:
-    """Weights at ``lr``; each step size at ``lr * s0 / w_ref``. Adam moves every parameter by
-    about lr per step whatever its size, so a step size s0 ~ 1e-3 would jump by ~lr; this gives
-    it the relative rate of a typical weight (w_ref = mean |folded weight|) instead."""
-    scales = qat.scale_parameters()
-    ids = {id(p) for p in scales}
-    with torch.no_grad():
-        mags = [folded_params(layer.op, layer.bn)[0].abs().mean() for layer in qat.weighted.values()]
-    w_ref = float(torch.stack(mags).mean()) if mags else 1.0
-    groups = [{"params": [p for p in qat.module.parameters() if id(p) not in ids and p.requires_grad]}]
-    for p in scales:
-        groups.append({"params": [p], "lr": lr * float(p.detach().abs().mean()) / max(w_ref, 1e-12)})
-    return groups
-
-
 def train_qat(qat: QATModel, data, config: QATConfig, on_epoch_end: Callable[[int, QATModel], None] | None = None,
               after_step: Callable[[], None] | None = None) -> QATModel:
-    """Fine-tune the fake-quant model with cross-entropy, AdamW and cosine decay (deterministic).
+    """Fine-tune the fake-quant model with cross-entropy on ``data`` (arrays or a DataLoader),
+    batches shuffled by a generator seeded with ``fine_tune.seed`` (the loop: :func:`~edgeslim.qat.model.fit`).
 
     ``after_step()`` runs after every optimizer step (a pruned model's masks are re-applied there)."""
     x, y = (data, None) if isinstance(data, torch.utils.data.DataLoader) else data
     ft = config.fine_tune
-    torch.manual_seed(ft.seed)
     gen = torch.Generator().manual_seed(ft.seed)
-    opt = torch.optim.AdamW(param_groups(qat, ft.lr), lr=ft.lr, weight_decay=ft.weight_decay)
-    steps = (num_batches(x, ft.batch_size) or 1) * ft.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_fn = nn.CrossEntropyLoss()
-    console = Console(stderr=True, quiet=not ft.progress)
-    for epoch in range(ft.epochs):
-        set_epoch(qat, epoch, config)
-        qat.module.train()
-        seen, correct, loss_sum = 0, 0, 0.0
-        for i, (xb, yb) in enumerate(batches(x, y, ft.batch_size, gen)):
-            logits = qat.module(xb)
-            loss = loss_fn(logits, yb)
-            check_loss(loss, f"qat_int8 epoch {epoch + 1}, batch {i + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if after_step is not None:
-                with torch.no_grad():
-                    after_step()
-            sched.step()
-            seen += len(yb)
-            correct += int((logits.argmax(1) == yb).sum())
-            loss_sum += loss.item() * len(yb)
-        if seen == 0:
-            raise DataError("qat_int8: the training data yielded no batches")
-        console.print(f"qat epoch {epoch + 1}/{ft.epochs}  loss {loss_sum / seen:.4f}  train acc {correct / seen:.2%}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, qat)
-    set_epoch(qat, ft.epochs, config)
-    qat.module.eval()
-    return qat
+
+    def batch_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> BatchLoss:
+        xb, yb = batch
+        logits = qat.module(xb)
+        return BatchLoss(loss_fn(logits, yb), len(yb), int((logits.argmax(1) == yb).sum()))
+
+    return fit(qat, config, num_batches(x, ft.batch_size) or 1, lambda epoch: batches(x, y, ft.batch_size, gen),
+               batch_loss, after_step=after_step, on_epoch_end=on_epoch_end)
 
 
 # -------------------------------------------------------------------------------- export
@@ -360,8 +226,7 @@ def convert_qat(qat: QATModel, task: Task, activation_dtype: str = "auto") -> tu
     if (len(plan.tensors) != len(qat.plan.tensors) or len(plan.weighted) != len(qat.weighted)
             or {rename[k]: rename[v] for k, v in plan.same_as.items()} != qat.plan.same_as):
         raise ExportError("qat_int8: the exported graph's int8 plan changed during training; cannot carry scales over")
-    dtype = resolve_activation_dtype(activation_dtype)
-    shift = 128 if dtype == "uint8" else 0  # same grid: clamp(q + 128, 0, 255) == clamp(q, -128, 127) + 128
+    dtype, shift = activation_grid(activation_dtype)
     act_params = {}
     for name in plan.calibrated:
         scale, zp = qat.act_quants[rename[name]].params()
@@ -411,13 +276,3 @@ def quantization_aware_training(model: ModelArtifact, config: QATConfig, task: T
     notes = {"qat_epochs": config.fine_tune.epochs, "calibration_samples": samples, "parity_max_abs_diff": diff,
              "parity_output_steps": diff / step}
     return ModelArtifact(torch=float_model, onnx=qdq, notes=notes, sparsity=model.sparsity), qat
-
-
-@register("qat_int8", QATConfig)
-def qat_int8(model: ModelArtifact, config: QATConfig, task: Task) -> ModelArtifact:
-    """Quantization-aware int8 training, lowered to integer kernels (QDQ) with the learned scales."""
-    if config.op_types:
-        from edgeslim.quantize.qat_linear import linear_qat
-
-        return linear_qat(model, config, task)
-    return quantization_aware_training(model, config, task)[0]

@@ -22,28 +22,29 @@ rows (quantize/embedding.py), as ``ptq_int8`` stores them.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 import torch
-from rich.console import Console
 from torch import nn
 
-from edgeslim.errors import ConfigError, DataError, ExportError, ModelError
+from edgeslim.errors import ConfigError, ExportError, ModelError
 from edgeslim.evaluate.metrics import row_cosines
+from edgeslim.qat.fake_quant import ActFakeQuant, QuantWeighted, set_submodule
+from edgeslim.qat.model import BatchLoss, QATModel, activation_grid, calibrate, fit
 from edgeslim.quantize.embedding import quantize_embeddings
-from edgeslim.quantize.fake_quant import ActFakeQuant, QuantWeighted, set_submodule
 from edgeslim.quantize.lower import layer_name, lower_qdq, plan_quantization
 from edgeslim.quantize.per_token import lower_per_token
-from edgeslim.quantize.ptq import plan_per_token, resolve_activation_dtype
+from edgeslim.quantize.ptq import plan_per_token
 from edgeslim.runtime.ort import make_session, run
 from edgeslim.sparsity import Sparsity, mask_keeper
 from edgeslim.task import ModelArtifact, Task, count_samples, iter_batches
-from edgeslim.train import check_loss
+
+if TYPE_CHECKING:
+    from edgeslim.qat.technique import QATConfig
 
 __all__ = ["QuantLinear", "linear_qat"]
 
@@ -116,19 +117,6 @@ def _wrap(source: nn.Module, fp32: onnx.ModelProto, plan, learn: bool) -> tuple[
     return acts, wrapped
 
 
-def _mode(source: nn.Module, acts: dict[str, ActFakeQuant], training: bool) -> None:
-    source.train(training)
-    for a in acts.values():  # not child modules of ``source``: switch them too
-        a.train(training)
-
-
-def _set(acts, wrapped, *, enabled: bool, calibrating: bool = False) -> None:
-    for a in acts.values():
-        a.enabled, a.calibrating = enabled, calibrating
-    for w in wrapped.values():
-        w.layer.enabled = enabled
-
-
 def _unwrapped(source: nn.Module, wrapped: dict[str, QuantLinear]) -> nn.Module:
     """A copy of ``source`` with every QuantLinear replaced by its (trained) float Linear."""
     model = copy.deepcopy(source)
@@ -150,11 +138,8 @@ def _keeper(sparsity: Sparsity | None, wrapped: dict[str, QuantLinear]) -> Calla
     return mask_keeper({renamed(n): m for n, m in sparsity.masks.items()})
 
 
-def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
+def linear_qat(model: ModelArtifact, config: QATConfig, task: Task) -> ModelArtifact:
     """QAT of the Linear layers ``config.op_types`` selects; see the module docstring."""
-    for op in config.op_types:
-        if op != "MatMul":
-            raise ConfigError(f"op_types: QAT of Linear layers supports MatMul only, got {op!r}")
     teacher = model.float_copy("qat_int8").eval()
     source = copy.deepcopy(teacher)
     data, data_name = _training_data(task)
@@ -163,59 +148,33 @@ def linear_qat(model: ModelArtifact, config, task: Task) -> ModelArtifact:
     if not plan.weighted:
         raise ModelError(f"qat_int8: no {'/'.join(config.op_types)} layer with a constant weight to quantize")
     acts, wrapped = _wrap(source, fp32, plan, config.learn_scales)
-
-    # Initial ranges: min/max of the float model over the calibration inputs.
-    _set(acts, wrapped, enabled=False, calibrating=True)
-    _mode(source, acts, False)
-    with torch.no_grad():
-        for x, _ in task.calibration_batches(config.fine_tune.batch_size, limit=config.calibration_samples):
-            source(*_inputs(x))
-    _set(acts, wrapped, enabled=True)
-
-    from edgeslim.quantize.qat import QATModel, param_groups, set_epoch  # qat imports this module lazily
-
     qat = QATModel(source, source, plan, acts, {n: w.layer for n, w in wrapped.items()})
-    keep = _keeper(model.sparsity, wrapped)
     ft = config.fine_tune
-    torch.manual_seed(ft.seed)
-    opt = torch.optim.AdamW(param_groups(qat, ft.lr), lr=ft.lr, weight_decay=ft.weight_decay)
-    steps = max(1, math.ceil(count_samples(data) / ft.batch_size) * ft.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    console = Console(stderr=True, quiet=not ft.progress)
-    for epoch in range(ft.epochs):
-        set_epoch(qat, epoch, config)
-        _mode(source, acts, True)
-        seen, loss_sum = 0, 0.0
-        for x, y in iter_batches(_shuffled(data, ft.seed + epoch), ft.batch_size):
-            xs = _inputs(x)
-            out = _first(source(*xs))
-            if y is not None and np.asarray(y).ndim == 1 and np.asarray(y).dtype.kind in "iu":
-                loss = nn.functional.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
-            else:  # no class labels: reproduce the float model (knowledge distillation on the outputs)
-                with torch.no_grad():
-                    target = _first(teacher(*xs))
-                loss = nn.functional.mse_loss(out, target)
-            check_loss(loss, f"qat_int8 epoch {epoch + 1}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if keep is not None:
-                keep(source)
-            sched.step()
-            seen += len(xs[0])
-            loss_sum += float(loss.detach()) * len(xs[0])
-        if seen == 0:
-            raise DataError("qat_int8: the training data yielded no batches")
-        console.print(f"qat epoch {epoch + 1}/{ft.epochs}  loss {loss_sum / seen:.6f}  ({seen} {data_name} samples)")
-    set_epoch(qat, ft.epochs, config)
-    _mode(source, acts, False)
+    # Initial ranges: min/max of the float model over the calibration inputs.
+    calibrate(qat, (_inputs(x) for x, _ in task.calibration_batches(ft.batch_size, limit=config.calibration_samples)))
+
+    def batch_loss(batch: tuple[Any, Any]) -> BatchLoss:
+        x, y = batch
+        xs = _inputs(x)
+        out = _first(source(*xs))
+        if y is not None and np.asarray(y).ndim == 1 and np.asarray(y).dtype.kind in "iu":
+            loss = nn.functional.cross_entropy(out, torch.as_tensor(np.asarray(y), dtype=torch.long))
+        else:  # no class labels: reproduce the float model (knowledge distillation on the outputs)
+            with torch.no_grad():
+                target = _first(teacher(*xs))
+            loss = nn.functional.mse_loss(out, target)
+        return BatchLoss(loss, len(xs[0]))
+
+    keep = _keeper(model.sparsity, wrapped)
+    fit(qat, config, -(-count_samples(data) // ft.batch_size),
+        lambda epoch: iter_batches(_shuffled(data, ft.seed + epoch), ft.batch_size), batch_loss,
+        after_step=None if keep is None else (lambda: keep(source)))
 
     # Export: the trained float weights, lowered with the learned parameters, layer by layer.
     float_model = _unwrapped(source, wrapped)
     fp32 = task.export(float_model)
     plan2 = plan_quantization(fp32, exclude=tuple(sorted(per_token)), op_types=config.op_types)
-    dtype = resolve_activation_dtype(config.activation_dtype)
-    shift = 128 if dtype == "uint8" else 0  # the same grid, stored as uint8 (see qat.convert_qat)
+    dtype, shift = activation_grid(config.activation_dtype)
     act_params, weight_params = {}, {}
     inits = {i.name: i for i in fp32.graph.initializer}
     with torch.no_grad():

@@ -1,0 +1,48 @@
+"""The ``dynamic_int8`` technique: its config and the registered function (the rewrite is in dynamic.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgeslim.config import TechniqueConfig
+from edgeslim.errors import ConfigError
+from edgeslim.quantize.dynamic import SUPPORTED_OPS, quantize_dynamic_graph
+from edgeslim.registry import register
+from edgeslim.task import ModelArtifact, Task
+
+
+@dataclass(frozen=True)
+class DynamicInt8Config(TechniqueConfig):
+    """Dynamic int8: int8 weights of MatMul/Gemm layers, activations quantized per call (no calibration).
+
+    ``per_channel`` gives each output column its own weight scale. ``ops`` picks the layer types
+    to quantize and ``exclude`` names nodes of the exported graph to keep in float.
+    ``activation_matmuls`` also quantizes MatMuls between two activations (attention scores),
+    both sides per call; off by default because it was slower and less accurate (module docstring).
+    """
+
+    per_channel: bool = True
+    ops: tuple[str, ...] = ("MatMul", "Gemm")
+    exclude: tuple[str, ...] = ()
+    activation_matmuls: bool = False
+    embeddings: bool = True  # int8 rows for embedding tables (Gather): see quantize/embedding.py
+
+    def validate(self) -> None:
+        if not self.ops:
+            raise ConfigError(f"ops: give at least one of {', '.join(SUPPORTED_OPS)}")
+        for op in self.ops:
+            if op not in SUPPORTED_OPS:
+                raise ConfigError(f"ops: {op!r} is not supported (use {', '.join(SUPPORTED_OPS)})")
+
+
+@register("dynamic_int8", DynamicInt8Config)
+def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) -> ModelArtifact:
+    """Dynamic int8 quantization of Linear layers (int8 weights, activations quantized at run time)."""
+    module = model.float_copy("dynamic_int8")
+    fp32 = task.export(module)
+    graph = quantize_dynamic_graph(fp32, config)
+    ops = [n.op_type for n in graph.graph.node]
+    notes = {"quantized_layers": ops.count("MatMulInteger"),
+             "dynamic_quantize_nodes": ops.count("DynamicQuantizeLinear"),
+             "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
+    return ModelArtifact(torch=module, onnx=graph, notes=notes)
