@@ -131,3 +131,58 @@ def test_empty_calibration_set_is_refused():
         Task(model, (torch.from_numpy(x[:1]),), calibration=(x[:0], y[:0]), evaluation=(x, y))
     with pytest.raises(ModelError, match=r"\(1, 1, 8, 8\)"):
         Task(nn.Linear(3, 3), (torch.from_numpy(x[:1]),), calibration=(x, y), evaluation=(x, y))
+
+
+def test_a_factory_module_beside_the_recipe_is_importable_from_any_folder(tmp_path, monkeypatch, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "beside_recipe_nets.py").write_text(
+        "from torch import nn\ndef make():\n    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10))\n")
+    recipe = write_recipe(project, f"""
+        model: {{factory: "beside_recipe_nets:make", train: {{epochs: 1}}}}
+        data: {{dataset: digits, calibration_samples: 32}}
+        runtime: {json.dumps({**FAST_RUNTIME, "measure_memory": False})}
+        output: out
+    """)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["run", str(recipe), "--quiet"]) == 0, capsys.readouterr().err
+    assert (project / "out" / "00_fp32" / "model.onnx").is_file()
+    import sys
+
+    assert str(project) not in sys.path  # searched for that import only
+
+
+def test_every_technique_config_is_exported_at_the_top_level():
+    import edgeslim
+    from edgeslim.registry import list_techniques
+
+    for tech in list_techniques():
+        assert getattr(edgeslim, tech.config_type.__name__) is tech.config_type
+        assert tech.config_type.__name__ in edgeslim.__all__
+
+
+def test_python_dash_m_edgeslim_runs_the_cli():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "edgeslim", "list"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "ptq_int8" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "edgeslim", "run", "missing.yaml"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+def test_compress_can_be_silenced(capsys):
+    from edgeslim import PTQInt8Config, RuntimeConfig, compress
+
+    x = np.random.default_rng(0).random((32, 1, 8, 8), dtype=np.float32)
+    y = np.arange(32) % 10
+    torch.manual_seed(0)
+    task = Task(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), (torch.from_numpy(x[:1]),), (x, y), (x, y))
+    runtime = RuntimeConfig(warmup=1, runs=5, rounds=1, measure_memory=False)
+    compress(task, [PTQInt8Config(progress=False)], runtime=runtime, progress=False)
+    assert capsys.readouterr().err == ""
+    compress(task, [PTQInt8Config(progress=False)], runtime=runtime)
+    assert "stage 1/1" in capsys.readouterr().err

@@ -100,6 +100,7 @@ def compress(
     recipe: dict[str, Any] | None = None,
     overwrite: bool = False,
     seed: int = 0,
+    progress: bool = True,
 ) -> RunResult:
     """Measure the baseline, apply each step in order, measure after each, and write ``out_dir``.
 
@@ -108,7 +109,16 @@ def compress(
     holds other files, which are kept; see :class:`edgeslim.io.RunFolder`). ``out_dir`` appears
     complete or not at all. ``seed`` seeds every global generator before the first step and is
     recorded in ``metrics.json``; ``recipe`` (the config used) is saved beside the results.
+    ``progress=False`` silences the stage lines (the steps' own ``progress`` fields silence theirs).
     """
+    quiet, console.quiet = console.quiet, not progress
+    try:
+        return _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, seed)
+    finally:
+        console.quiet = quiet
+
+
+def _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, seed) -> RunResult:
     if not isinstance(task, Task):
         raise ConfigError(f"task: expected an edgeslim.Task, got {type(task).__name__}")
     if isinstance(steps, TechniqueConfig) or not isinstance(steps, Sequence):

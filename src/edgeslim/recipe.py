@@ -18,6 +18,7 @@ import hashlib
 import importlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -117,6 +118,8 @@ class Recipe:
     runtime: RuntimeConfig = RuntimeConfig()
     output: str = "runs/run"
     seed: int = 0
+    # The recipe file's folder: a factory module beside the recipe is importable (not a recipe field).
+    base_dir: str = field(default=".", compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as YAML-ready data (what a run folder saves as ``recipe.yaml``)."""
@@ -163,7 +166,7 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
         raise ConfigError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
-    return Recipe(model, spec, metric, steps, runtime, str(_resolve(base, output)), seed)
+    return Recipe(model, spec, metric, steps, runtime, str(_resolve(base, output)), seed, str(base))
 
 
 def parse_step(data: Any, where: str) -> TechniqueConfig:
@@ -240,7 +243,7 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
                                  eval_samples=spec.eval_samples or 256, seed=spec.seed)
     split = load_dataset(spec.dataset, spec.dir, seed=spec.seed)
     seed_everything(recipe.seed)  # before the model is built: its initial weights come from it
-    model = _build_model(recipe.model, split)
+    model = _build_model(recipe.model, split, recipe.base_dir)
     check_forward(model, (torch.from_numpy(split.x_test[:1]),))  # fail before any training
     if recipe.model.checkpoint is not None:
         from edgeslim.train import load_checkpoint
@@ -262,17 +265,24 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
     )
 
 
-def _build_model(spec: ModelSpec, split) -> torch.nn.Module:
+def _build_model(spec: ModelSpec, split, base_dir: str = ".") -> torch.nn.Module:
     c, h, _ = split.x_train.shape[1:]
     if spec.name is not None:
         from edgeslim.models import build_model
 
         return build_model(spec.name, in_channels=c, num_classes=split.num_classes, input_size=h)
     module_name, fn_name = spec.factory.split(":", 1)
+    # Like paths in a recipe, a factory module may sit beside the recipe file (or in the current
+    # folder); both are searched first, for this import only.
+    extra = [p for p in dict.fromkeys([str(Path(base_dir).resolve()), os.getcwd()]) if p not in sys.path]
+    sys.path[:0] = extra
     try:
         fn = getattr(importlib.import_module(module_name), fn_name)
     except (ImportError, AttributeError) as err:
         raise ModelError(f"model.factory: cannot import {spec.factory!r}: {err}") from None
+    finally:
+        for p in extra:
+            sys.path.remove(p)
     try:
         model = fn(**spec.kwargs)
     except Exception as err:
