@@ -359,6 +359,7 @@ API_CASES = [
     ("task-metric", lambda: _task(metric="accuracy"), ConfigError, "metric"),
     ("task-example-inputs", lambda: _task(example_inputs=()), DataError, "example_inputs"),
     ("task-eval-batch", lambda: _task(eval_batch_size=0), ConfigError, "eval_batch_size"),
+    ("task-input-names", lambda: _task(input_names=("a", "b")), ConfigError, "input_names"),
     ("ptq-observer", _config("ptq_int8", observer="bogus"), ConfigError, "observer"),
     ("ptq-samples-str", _config("ptq_int8", calibration_samples="10"), ConfigError, "calibration_samples"),
     ("ptq-batch-huge", _config("ptq_int8", batch_size=BIG), ConfigError, "batch_size"),

@@ -168,6 +168,12 @@ def test_build_minilm_task_fp32_fidelity() -> None:
     assert task.metric(torch.cat(outs), torch.cat(ys)) >= 0.9999
 
 
+def test_minilm_task_exports_inputs_by_their_tokenizer_names() -> None:
+    task = build_minilm_task(seq_len=16, calibration_samples=4, eval_samples=4, seed=0)
+    graph = task.export(task.model)
+    assert [i.name for i in graph.graph.input] == ["input_ids", "attention_mask"]
+
+
 def test_split_reuses_sentences_without_leaking() -> None:
     cal, ev = minilm_mod._split(10, calibration_samples=8, eval_samples=16, seed=0)
     assert len(cal) == 8 and len(ev) == 16

@@ -103,6 +103,7 @@ class Task:
     train: Data | None = None
     eval_batch_size: int = 256
     dynamic_dims: tuple[dict[int, str], ...] | None = None  # extra dynamic axes per input, e.g. ({1: "seq"},)
+    input_names: tuple[str, ...] | None = None  # the ONNX inputs' names, e.g. ("input_ids", "attention_mask")
 
     def __post_init__(self) -> None:
         # The same checks whether the Task comes from a recipe or from Python: all before any work.
@@ -116,6 +117,12 @@ class Task:
             self.example_inputs = tuple(torch.as_tensor(x) for x in self.example_inputs)
         except (TypeError, ValueError, RuntimeError) as err:
             raise DataError(f"example_inputs: not tensors: {first_line(err)}") from None
+        if self.input_names is not None and (
+                not all(isinstance(n, str) and n for n in self.input_names)
+                or len(set(self.input_names)) != len(self.input_names)
+                or len(self.input_names) != len(self.example_inputs)):
+            raise ConfigError(f"input_names: expected {len(self.example_inputs)} distinct names (one per example "
+                              f"input), got {self.input_names!r}")
         if not callable(self.metric):
             raise ConfigError(f"metric: expected a function (outputs, targets) -> float, got {type(self.metric).__name__}")
         if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
@@ -136,7 +143,8 @@ class Task:
         """Export ``model`` with this task's example inputs and dynamic axes (validated against PyTorch)."""
         from edgeslim.runtime import export_onnx
 
-        return export_onnx(model, self.example_inputs, dynamic_dims=self.dynamic_dims)
+        names = list(self.input_names) if self.input_names else None
+        return export_onnx(model, self.example_inputs, dynamic_dims=self.dynamic_dims, input_names=names)
 
     def calibration_batches(self, batch_size: int = 32, limit: int | None = None):
         return iter_batches(self.calibration, batch_size, limit)

@@ -218,4 +218,5 @@ def build_minilm_task(
         metric_name="cosine",
         train=None,
         dynamic_dims=({1: "seq"}, {1: "seq"}),
+        input_names=("input_ids", "attention_mask"),  # what tokenizers call them, so feeds match by name
     )
