@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,21 +24,34 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_unique(path.parent, f".{path.name}.", lambda p: os.open(p, _NEW_FILE, 0o666))
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; a written file is not
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+
+
+def _create_unique(folder: Path, prefix: str, create) -> tuple[Any, Path]:
+    """``create(path)`` at a fresh ``folder/<prefix><random>.tmp`` (exclusive: retried on a clash).
+
+    Unlike ``tempfile.mkstemp``/``mkdtemp``, which make private (0600 / 0700) entries, the caller
+    creates with the usual modes (0666 files, 0777 folders), so the umask applies as for any file.
+    """
+    import secrets
+
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}.tmp"
+        try:
+            return create(path), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name", str(folder))
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -296,10 +308,9 @@ class RunFolder:
                 root = self._staging_root()
                 prefix = ".edgeslim-staging-" if self._merge else f".{self.target.name}.edgeslim-"
                 try:
-                    self.staging = Path(tempfile.mkdtemp(dir=root, prefix=prefix, suffix=".tmp"))
+                    _, self.staging = _create_unique(root, prefix, lambda p: p.mkdir(0o777))
                 except OSError as err:
                     raise self._refuse(f"cannot write in {root}: {err.strerror or err}") from None
-                os.chmod(self.staging, 0o777 & ~_umask())  # mkdtemp makes it private; a run folder is not
                 (self.staging / STAGING_MARKER).write_text(str(os.getpid()))
             except BaseException:
                 self._unlock()
