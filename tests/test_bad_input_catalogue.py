@@ -281,6 +281,8 @@ FLAG_CASES = [
     ("bench-shape-rank", ["bench", "{o}/cnn.onnx", "--shape", "input=1x64"], "4 axes"),
     ("bench-shape-fixed-axis", ["bench", "{o}/cnn.onnx", "--shape", "input=1x3x8x8"], "axis 1 is fixed to 1"),
     ("bench-dynamic-axis", ["bench", "{o}/seq.onnx"], "input 'input' axis 1"),
+    ("bench-inputs-too-big", ["bench", "{o}/seq.onnx", "--shape", "input=65536x1000000"],
+     "over a quarter of this machine's memory"),  # refused before the 500 TB are allocated
     ("inspect-threads-zero", ["inspect", "{o}/cnn.onnx", "--threads", "0"], "--threads"),
     ("inspect-missing", ["inspect", "{w}/nope.onnx"], "nope.onnx"),
     ("inspect-shape-unknown", ["inspect", "{o}/seq.onnx", "--shape", "ids=1x5"], "ids"),

@@ -22,7 +22,7 @@ from edgeslim import io, registry
 from edgeslim.config import Checked, TechniqueConfig
 from edgeslim.errors import ConfigError
 from edgeslim.evaluate.onnx_eval import evaluate_onnx
-from edgeslim.runtime.bench import machine_info
+from edgeslim.runtime.bench import input_memory_limit, machine_info
 from edgeslim.task import ModelArtifact, Task, check_finite
 
 console = Console(stderr=True)
@@ -153,12 +153,9 @@ def _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, s
 def _check_batch_fits(task: Task, runtime: RuntimeConfig) -> None:
     """Refuse, before any work, a latency batch whose inputs alone would take a quarter of memory."""
     per_sample = sum(t[:1].numel() * 4 for t in task.example_inputs)  # float32 (int64 ids: close enough)
-    try:
-        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return
-    if per_sample * runtime.batch_size > memory // 4:
-        most = max(1, memory // 4 // max(per_sample, 1))
+    limit = input_memory_limit()
+    if limit is not None and per_sample * runtime.batch_size > limit:
+        most = max(1, limit // max(per_sample, 1))
         raise ConfigError(f"runtime.batch_size: {runtime.batch_size:,} samples of {per_sample:,} B do not fit in "
                           f"a quarter of this machine's memory; at most {most:,}")
 

@@ -92,6 +92,15 @@ def denormals_flushed(enabled: bool = True) -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+def input_memory_limit() -> int | None:
+    """The most the inputs of one measured batch may take: a quarter of this machine's physical
+    memory, leaving room for the model, its activations and ORT's arena (None where unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on: platform, CPU model, core count and library versions
     (the ``machine`` object of ``metrics.json`` and of every benchmark's JSON)."""

@@ -209,7 +209,16 @@ def input_shapes(session: ort.InferenceSession, shapes: Mapping[str, Sequence[in
 
 def dummy_feed(session: ort.InferenceSession, shapes: Mapping[str, Sequence[int]], seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded inputs of the given shapes: uniform [0, 1) floats, zeros for integer and bool inputs
-    (token ids 0 and masks 0 are valid for every vocabulary)."""
+    (token ids 0 and masks 0 are valid for every vocabulary). Refused, before anything is
+    allocated, where they would take over :func:`~edgeslim.runtime.bench.input_memory_limit`."""
+    from edgeslim.runtime.bench import input_memory_limit
+
+    total = sum(int(np.prod(shapes[i.name])) * np.dtype(ORT_TO_NUMPY.get(i.type, np.float32)).itemsize
+                for i in session.get_inputs())
+    limit = input_memory_limit()
+    if limit is not None and total > limit:
+        raise RuntimeToolError(f"the inputs would take {total / 2**30:.1f} GiB, over a quarter of this machine's "
+                               "memory; lower --batch-size or --shape")
     rng = np.random.default_rng(seed)
     feeds = {}
     for inp in session.get_inputs():
