@@ -90,14 +90,22 @@ def check_fields(obj: Any) -> None:
         if isinstance(value, bool) or value is None:
             continue
         if isinstance(value, int):
-            low, high = INT_RANGES.get(f.name, (-INT_LIMIT, INT_LIMIT))
-            if not low <= value <= high:
-                raise ConfigError(f"{f.name}: must be in [{low}, {high:,}], got {value:,}")
+            check_int(f.name, value)
         elif isinstance(value, float) and f.name in FLOAT_RANGES:
             low, high = FLOAT_RANGES[f.name]
             if not low <= value <= high or (f.name in _POSITIVE and value == 0):
                 bound = f"> 0 and <= {high:g}" if f.name in _POSITIVE else f"in [{low:g}, {high:g}]"
                 raise ConfigError(f"{f.name}: must be {bound}, got {value}")
+
+
+def check_int(name: str, value: Any) -> int:
+    """``value`` as the integer setting ``name`` (not a config field, e.g. a run's ``seed``), held
+    to the same type check and range (:data:`INT_RANGES`) as every config field of that name."""
+    value = coerce(value, int, name)
+    low, high = INT_RANGES.get(name, (-INT_LIMIT, INT_LIMIT))
+    if not low <= value <= high:
+        raise ConfigError(f"{name}: must be in [{low}, {high:,}], got {value:,}")
+    return value
 
 
 def _numbers(value: Any) -> list[Any]:

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from rich.console import Console
 
 from edgeslim import io, registry
-from edgeslim.config import Checked, TechniqueConfig
+from edgeslim.config import Checked, TechniqueConfig, check_int
 from edgeslim.errors import ConfigError
 from edgeslim.evaluate.onnx_eval import evaluate_onnx
 from edgeslim.runtime.bench import input_memory_limit, machine_info
@@ -128,8 +128,7 @@ def _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, s
             raise ConfigError(f"steps[{i}]: expected a technique config (e.g. PTQInt8Config()), got {step!r:.60}")
     if not isinstance(runtime, RuntimeConfig):
         raise ConfigError(f"runtime: expected a RuntimeConfig, got {type(runtime).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+    check_int("seed", seed)
     techniques = [registry.for_config(step) for step in steps]
     _check_batch_fits(task, runtime)
     args = (task, steps, techniques, runtime, baseline_name, recipe, seed)

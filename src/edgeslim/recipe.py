@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from edgeslim import registry
-from edgeslim.config import Checked, TechniqueConfig, build_dataclass
+from edgeslim.config import Checked, TechniqueConfig, build_dataclass, check_int
 from edgeslim.errors import CheckpointError, ConfigError, ModelError, NumericalError
 from edgeslim.pipeline import RuntimeConfig
 from edgeslim.task import METRICS, Task, check_finite, check_forward
@@ -163,9 +163,7 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
     output = data.get("output", "runs/run")
     if not isinstance(output, str):
         raise ConfigError(f"output: expected a folder path, got {output!r}")
-    seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ConfigError(f"seed: must be an integer in [0, 2**32), got {seed!r}")
+    seed = check_int("seed", data.get("seed", 0))
     return Recipe(model, spec, metric, steps, runtime, str(_resolve(base, output)), seed, str(base))
 
 
