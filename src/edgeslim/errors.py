@@ -68,11 +68,19 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def exception_chain(exc: BaseException | None, limit: int = 20) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or during, outermost first (at most ``limit``:
+    libraries wrap the cause we need to read several layers deep)."""
+    chain = []
+    while exc is not None and len(chain) < limit:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
+
+
 def reraise_interrupt(exc: BaseException) -> None:
     """Re-raise an interrupt that a library wrapped into its own exception (the ONNX exporter
     turns anything raised while it traces into an export error)."""
-    seen = 0
-    while exc is not None and seen < 20:
-        if isinstance(exc, (Interrupted, KeyboardInterrupt)):
-            raise exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    for inner in exception_chain(exc):
+        if isinstance(inner, (Interrupted, KeyboardInterrupt)):
+            raise inner

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from edgeslim import io
-from edgeslim.errors import ExportError, ModelError, RuntimeToolError, reraise_interrupt
+from edgeslim.errors import ExportError, ModelError, RuntimeToolError, exception_chain, reraise_interrupt
 from edgeslim.runtime.ort import first_line, make_session, run
 from edgeslim.runtime.softmax import bound_softmax_inputs
 
@@ -102,11 +102,7 @@ def _export_failure(model: "nn.Module", example_inputs: tuple, dynamic_shapes: o
     import torch
 
     cls = type(model).__name__
-    chain, e = [], exc
-    while e is not None and len(chain) < 10:
-        chain.append(str(e))
-        e = e.__cause__ or e.__context__
-    text = "\n".join(chain)
+    text = "\n".join(str(e) for e in exception_chain(exc))
     op = re.search(r"No ONNX function found for <OpOverload\(op='([\w.:]+)', overload='(\w+)'\)>", text)
     if op is None:
         if "Dim" in text and "batch" in text or "Constraints violated" in text:
