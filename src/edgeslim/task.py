@@ -91,7 +91,10 @@ class Task:
     """Everything a run needs: a model, example inputs, calibration/evaluation data and a metric.
 
     ``metric`` is any ``(outputs, targets) -> float`` where higher is better (accuracy by default).
-    ``train`` is optional data for techniques that fine-tune.
+    ``extra_metrics`` names further :data:`METRICS` every stage reports beside it (``("top5",
+    "agreement")``); those in ``VS_BASELINE`` (``agreement``) compare with the baseline stage's
+    outputs on the same samples, the others with the targets. ``train`` is optional data for
+    techniques that fine-tune.
     """
 
     model: nn.Module
@@ -104,6 +107,7 @@ class Task:
     eval_batch_size: int = 256
     dynamic_dims: tuple[dict[int, str], ...] | None = None  # extra dynamic axes per input, e.g. ({1: "seq"},)
     input_names: tuple[str, ...] | None = None  # the ONNX inputs' names, e.g. ("input_ids", "attention_mask")
+    extra_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The same checks whether the Task comes from a recipe or from Python: all before any work.
@@ -125,6 +129,13 @@ class Task:
                               f"input), got {self.input_names!r}")
         if not callable(self.metric):
             raise ConfigError(f"metric: expected a function (outputs, targets) -> float, got {type(self.metric).__name__}")
+        if not isinstance(self.extra_metrics, (list, tuple)):
+            raise ConfigError(f"extra_metrics: expected a tuple of metric names, got {self.extra_metrics!r:.60}")
+        self.extra_metrics = tuple(self.extra_metrics)
+        bad = [m for m in self.extra_metrics if m not in METRICS or m == self.metric_name]
+        if bad or len(set(self.extra_metrics)) != len(self.extra_metrics):
+            raise ConfigError(f"extra_metrics: expected distinct names of {', '.join(METRICS)} other than the metric "
+                              f"{self.metric_name!r}, got {bad[0] if bad else list(self.extra_metrics)!r}")
         if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
                 or not 1 <= self.eval_batch_size <= 65_536:
             raise ConfigError(f"eval_batch_size: must be an integer in [1, 65536], got {self.eval_batch_size!r}")
@@ -145,6 +156,17 @@ class Task:
 
         names = list(self.input_names) if self.input_names else None
         return export_onnx(model, self.example_inputs, dynamic_dims=self.dynamic_dims, input_names=names)
+
+    def with_targets(self, targets: np.ndarray) -> "Task":
+        """This task with ``targets`` as its evaluation targets, one per evaluation sample (the
+        baseline's outputs, when the metric compares with the baseline: see ``VS_BASELINE``)."""
+        from dataclasses import replace
+
+        batches = list(iter_batches(self.evaluation, self.eval_batch_size))
+        xs = tuple(np.concatenate(part) for part in zip(*(x if isinstance(x, tuple) else (x,) for x, _ in batches)))
+        if len(targets) != len(xs[0]):
+            raise DataError(f"evaluation: {len(xs[0])} samples but {len(targets)} targets")
+        return replace(self, evaluation=(xs if isinstance(batches[0][0], tuple) else xs[0], targets))
 
     def calibration_batches(self, batch_size: int = 32, limit: int | None = None):
         return iter_batches(self.calibration, batch_size, limit)
