@@ -66,6 +66,8 @@ class TrainSpec(Checked):
 @dataclass(frozen=True)
 class ModelSpec(Checked):
     """A bundled model ``name``, or a ``factory`` ("module:function") called with ``kwargs``.
+    A model without a ``checkpoint`` is trained (``train``), unless it is ``pretrained``: a factory
+    that returns trained weights, or a bundled pretrained model (their weights ship with them).
     ``input_shape`` (one sample, e.g. ``[3, 240, 240]``) is checked against the data, and gives an
     image folder's default crop (and so a factory model's input size)."""
 
@@ -75,14 +77,17 @@ class ModelSpec(Checked):
     checkpoint: str | None = None
     train: TrainSpec | None = None
     input_shape: tuple[int, ...] | None = None
+    pretrained: bool = False
 
     def validate(self) -> None:
         if (self.name is None) == (self.factory is None):
             raise ConfigError("give exactly one of name (a bundled model) or factory ('module:function')")
         if self.name is not None and self.name not in known_models():
             raise ConfigError(f"name: unknown model {self.name!r} (known: {', '.join(known_models())})")
-        if self.name in PRETRAINED and (self.checkpoint or self.train):
-            raise ConfigError(f"{self.name} is pretrained: it takes neither checkpoint nor train")
+        if (self.name in PRETRAINED or self.pretrained) and (self.checkpoint or self.train):
+            raise ConfigError(f"{self.name or self.factory} is pretrained: it takes neither checkpoint nor train")
+        if self.name is not None and self.pretrained and self.name not in PRETRAINED:
+            raise ConfigError(f"pretrained: {self.name} ships no weights (pretrained: {', '.join(PRETRAINED)})")
         if self.factory is not None and ":" not in self.factory:
             raise ConfigError(f"factory: expected 'module:function', got {self.factory!r}")
         if self.input_shape is not None and (not self.input_shape or min(self.input_shape) < 1):
@@ -303,7 +308,7 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
 
         load_checkpoint(model, recipe.model.checkpoint)
         check_finite(model, f"model.checkpoint {recipe.model.checkpoint}")
-    elif recipe.model.name not in PRETRAINED:
+    elif recipe.model.name not in PRETRAINED and not recipe.model.pretrained:
         model = _trained(model, recipe.model, spec, split, progress)
     n_eval = len(split.x_test) if spec.eval_samples is None else min(spec.eval_samples, len(split.x_test))
     calib = (split.x_train[: spec.calibration_samples], split.y_train[: spec.calibration_samples])
@@ -449,8 +454,14 @@ def _trained(model, spec: ModelSpec, data: DataSpec, split, progress: bool):
 
     ts = spec.train or TrainSpec()
     data_dir = str(Path(data.dir).resolve()) if data.dir else None  # one key however the path was typed
-    key = json.dumps({"model": asdict(spec), "dataset": data.dataset, "dir": data_dir, "seed": data.seed,
-                      "train": asdict(ts), "shape": list(split.x_train.shape)}, sort_keys=True, default=str)
+    fields = {"model": asdict(spec), "dataset": data.dataset, "dir": data_dir, "seed": data.seed,
+              "train": asdict(ts), "shape": list(split.x_train.shape)}
+    source = {f: getattr(data, f) for f in ("images", "labels", "preprocess", "arrays", "factory", "kwargs",
+                                            "calibration_samples") if data.dataset is None}
+    if source:  # images, arrays or a factory: the training samples depend on these too
+        fields["source"] = {k: str(Path(v).resolve()) if k in ("images", "labels", "arrays") and v else v
+                            for k, v in source.items()}
+    key = json.dumps(fields, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = cache_dir() / "checkpoints" / f"{spec.name or spec.factory.replace(':', '.')}-{digest}.safetensors"
     if path.is_file():

@@ -118,7 +118,8 @@ class Task:
         if not isinstance(self.example_inputs, (tuple, list)) or not self.example_inputs:
             raise DataError(f"example_inputs: expected a tensor or a tuple of tensors, got {self.example_inputs!r:.60}")
         try:
-            self.example_inputs = tuple(torch.as_tensor(x) for x in self.example_inputs)
+            # contiguous: the exporter cannot keep the batch axis dynamic for a channels-last view
+            self.example_inputs = tuple(torch.as_tensor(x).contiguous() for x in self.example_inputs)
         except (TypeError, ValueError, RuntimeError) as err:
             raise DataError(f"example_inputs: not tensors: {first_line(err)}") from None
         if self.input_names is not None and (

@@ -190,7 +190,7 @@ def _one(path: Path, p: Preprocess, transform: Callable[[Any], Any] | None) -> n
     if transform is None:
         return _standard(_open(path, p.resize), p, path)
     try:
-        out = np.asarray(transform(_open(path, None)), dtype=np.float32)
+        out = np.ascontiguousarray(transform(_open(path, None)), dtype=np.float32)  # (C, H, W) in memory order
     except DataError:
         raise
     except Exception as exc:  # user code: name the image and the function's own message
@@ -216,7 +216,7 @@ def load_images(files: Sequence[Path], preprocess: Preprocess, transform: Callab
     if odd is not None:
         raise DataError(f"{files[odd]}: preprocessed to shape {arrays[odd].shape}, the first image "
                         f"({files[0]}) to {shape}")
-    return np.stack(arrays)
+    return np.ascontiguousarray(np.stack(arrays))
 
 
 def image_split(files: Sequence[Path], labels: np.ndarray, preprocess: Preprocess, *,
