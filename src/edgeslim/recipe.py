@@ -388,7 +388,10 @@ def _preprocessing(recipe: Recipe) -> tuple[Preprocess, Any]:
         default = replace(IMAGENET, crop=crop, resize=round(crop * IMAGENET.resize / IMAGENET.crop))
     else:
         default = IMAGENET
-    return given.over(default), None
+    try:
+        return given.over(default), None
+    except ConfigError as err:  # a field given clashes with the model's own (crop > its resize)
+        raise ConfigError(f"data.preprocess.{err} (fields left out are the model's: {default})") from None
 
 
 def import_factory(target: str, base_dir: str, where: str, error: type[EdgeslimError] = ModelError):

@@ -168,27 +168,23 @@ def _open(path: Path, size: int | None) -> Any:
         raise DataError(f"{path}: cannot decode image ({first_line(exc)})") from None
 
 
-def _standard(image: Any, p: Preprocess, path: Path) -> np.ndarray:
+def _standard(image: Any, p: Preprocess) -> np.ndarray:
     """Resize (short side), center crop, [0, 1], normalise: (3, crop, crop) float32."""
     from PIL import Image
 
     w, h = image.size
-    if p.resize is not None and min(w, h) != p.resize:  # long side as torchvision computes it
+    if min(w, h) != p.resize:  # the long side as torchvision computes it
         w, h = (p.resize, int(p.resize * h / w)) if w <= h else (int(p.resize * w / h), p.resize)
         image = image.resize((w, h), Image.Resampling.BICUBIC if p.interpolation == "bicubic" else Image.Resampling.BILINEAR)
-    if p.crop is not None:
-        if min(w, h) < p.crop:
-            raise DataError(f"{path}: {w}x{h} is smaller than the crop {p.crop} (set preprocess.resize)")
-        left, top = int(round((w - p.crop) / 2.0)), int(round((h - p.crop) / 2.0))
-        image = image.crop((left, top, left + p.crop, top + p.crop))
-    x = np.asarray(image, dtype=np.float32) / 255.0
+    left, top = int(round((w - p.crop) / 2.0)), int(round((h - p.crop) / 2.0))  # crop <= resize: checked
+    x = np.asarray(image.crop((left, top, left + p.crop, top + p.crop)), dtype=np.float32) / 255.0
     x = (x - np.asarray(p.mean, dtype=np.float32)) / np.asarray(p.std, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def _one(path: Path, p: Preprocess, transform: Callable[[Any], Any] | None) -> np.ndarray:
     if transform is None:
-        return _standard(_open(path, p.resize), p, path)
+        return _standard(_open(path, p.resize), p)
     try:
         out = np.ascontiguousarray(transform(_open(path, None)), dtype=np.float32)  # (C, H, W) in memory order
     except DataError:
