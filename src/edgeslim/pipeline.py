@@ -133,6 +133,12 @@ def _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, s
         raise ConfigError(f"runtime: expected a RuntimeConfig, got {type(runtime).__name__}")
     check_int("seed", seed)
     techniques = [registry.for_config(step) for step in steps]
+    if task.is_graph:
+        for i, tech in enumerate(techniques):
+            if not tech.graph_only:
+                graph_ones = ", ".join(t.name for t in registry.list_techniques() if t.graph_only)
+                raise ConfigError(f"steps[{i}]: {tech.name} needs the PyTorch module; a model given as an ONNX "
+                                  f"graph takes only {graph_ones}")
     _check_batch_fits(task, runtime)
     args = (task, steps, techniques, runtime, baseline_name, recipe, seed)
     if isinstance(out_dir, io.RunFolder):  # opened by the caller (a recipe: before the model was trained)
@@ -181,7 +187,7 @@ def _write_run(stage_dir: Path, task, steps, techniques, runtime, baseline_name,
 
 def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, baseline_name: str) -> RunResult:
     stages: list[Stage] = []
-    artifact = ModelArtifact(torch=task.model)
+    artifact = ModelArtifact.of(task.model)
     labels: np.ndarray | None = None
     reference: np.ndarray | None = None  # the baseline's outputs: what VS_BASELINE metrics compare with
     plan = [(baseline_name, None, None)] + [(t.name, t, s) for t, s in zip(techniques, steps)]
@@ -192,11 +198,11 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         if tech is not None:
             artifact = tech.fn(artifact, step, task)
             artifact.files = dict(artifact.files)
-            if artifact.onnx is None:
+            if artifact.onnx is None and artifact.torch is not None:
                 check_finite(artifact.torch, f"after step {name}")
             if artifact.sparsity is not None:
                 artifact.sparsity.check(artifact.torch, name)
-        graph = artifact.onnx if artifact.onnx is not None else task.export(artifact.torch)
+        graph = artifact.deployable(task)
         files, size_file = _stage_files(artifact)
         seconds = time.perf_counter() - t0
         path = stage_dir / label / "model.onnx"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import numpy as np
@@ -90,6 +91,9 @@ def count_samples(data: Data) -> int:
 class Task:
     """Everything a run needs: a model, example inputs, calibration/evaluation data and a metric.
 
+    ``model`` is a PyTorch module, or a float ONNX graph (an ``onnx.ModelProto`` or the path of a
+    ``.onnx`` file): then only the techniques that work on graphs apply
+    (:mod:`edgeslim.runtime.onnx_source`).
     ``metric`` is any ``(outputs, targets) -> float`` where higher is better (accuracy by default).
     ``extra_metrics`` names further :data:`METRICS` every stage reports beside it (``("top5",
     "agreement")``); those in ``VS_BASELINE`` (``agreement``) compare with the baseline stage's
@@ -97,7 +101,7 @@ class Task:
     techniques that fine-tune.
     """
 
-    model: nn.Module
+    model: nn.Module | onnx.ModelProto
     example_inputs: tuple[torch.Tensor, ...]
     calibration: Data
     evaluation: Data
@@ -111,8 +115,17 @@ class Task:
 
     def __post_init__(self) -> None:
         # The same checks whether the Task comes from a recipe or from Python: all before any work.
-        if not isinstance(self.model, nn.Module):
-            raise ModelError(f"model: expected a torch.nn.Module, got {type(self.model).__name__}")
+        if isinstance(self.model, (str, Path)) and str(self.model).endswith(".onnx"):
+            from edgeslim.runtime.onnx_source import load_onnx_model
+
+            self.model = load_onnx_model(self.model)
+        elif isinstance(self.model, onnx.ModelProto):
+            from edgeslim.runtime.onnx_source import dynamic_batch
+
+            self.model = dynamic_batch(self.model)
+        if not isinstance(self.model, (nn.Module, onnx.ModelProto)):
+            raise ModelError(f"model: expected a torch.nn.Module, an onnx.ModelProto or a .onnx file path, "
+                             f"got {type(self.model).__name__}")
         if isinstance(self.example_inputs, (torch.Tensor, np.ndarray)):
             self.example_inputs = (self.example_inputs,)
         if not isinstance(self.example_inputs, (tuple, list)) or not self.example_inputs:
@@ -148,8 +161,18 @@ class Task:
             raise DataError("calibration set is empty: give at least one sample to calibrate on")
         if count_samples(self.evaluation) == 0:
             raise DataError("evaluation set is empty")
-        check_finite(self.model, "model")
-        check_forward(self.model, self.example_inputs)
+        if isinstance(self.model, onnx.ModelProto):
+            from edgeslim.runtime.onnx_source import check_onnx_model
+
+            check_onnx_model(self.model, [_as_input(x) for x in self.example_inputs], self.input_names)
+        else:
+            check_finite(self.model, "model")
+            check_forward(self.model, self.example_inputs)
+
+    @property
+    def is_graph(self) -> bool:
+        """True when the model was given as an ONNX graph (no PyTorch module to train or rewrite)."""
+        return isinstance(self.model, onnx.ModelProto)
 
     def export(self, model: nn.Module) -> onnx.ModelProto:
         """Export ``model`` with this task's example inputs and dynamic axes (validated against PyTorch)."""
@@ -242,7 +265,7 @@ class ModelArtifact:
     (``metrics.json``); no step reads them.
     """
 
-    torch: nn.Module
+    torch: nn.Module | None
     onnx: onnx.ModelProto | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str | bytes] = field(default_factory=dict)  # extra files for the stage folder
@@ -250,12 +273,38 @@ class ModelArtifact:
     # weight file): the pipeline reports its bytes as ``size_bytes``.
     size_file: str | None = None
     sparsity: Sparsity | None = None  # pruned weights later steps must keep at zero
+    # The float model as a graph when there is no module (the model came as an ONNX file).
+    graph: onnx.ModelProto | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module | onnx.ModelProto) -> "ModelArtifact":
+        """The artifact a run starts from: a module, or a float graph given as ONNX."""
+        return cls(torch=None, graph=model) if isinstance(model, onnx.ModelProto) else cls(torch=model)
+
+    def deployable(self, task: "Task") -> onnx.ModelProto:
+        """The graph that ships: the lowered one, else the module's export, else the float graph."""
+        if self.onnx is not None:
+            return self.onnx
+        if self.torch is not None:
+            return task.export(self.torch)
+        return self.graph
+
+    def float_graph(self, technique: str, task: "Task") -> onnx.ModelProto:
+        """The float model as an ONNX graph, for a technique that lowers graphs (it also runs on a
+        model given as an ONNX file); ConfigError if a previous step already lowered it."""
+        if self.torch is not None or self.onnx is not None:
+            return task.export(self.float_copy(technique))
+        out = onnx.ModelProto()
+        out.CopyFrom(self.graph)
+        return out
 
     def float_copy(self, technique: str) -> nn.Module:
         """An eval-mode copy of the float model for a technique that lowers it; ConfigError if a
         previous step already lowered it (lowering must be the last step)."""
         if self.onnx is not None:
             raise ConfigError(f"{technique}: the model is already lowered to a quantized graph; put {technique} last")
+        if self.torch is None:
+            raise ConfigError(f"{technique}: needs the PyTorch module; the model was given as an ONNX graph")
         import copy
 
         return copy.deepcopy(self.torch).eval()

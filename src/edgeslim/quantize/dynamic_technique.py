@@ -35,14 +35,13 @@ class DynamicInt8Config(TechniqueConfig):
                 raise ConfigError(f"ops: {op!r} is not supported (use {', '.join(SUPPORTED_OPS)})")
 
 
-@register("dynamic_int8", DynamicInt8Config)
+@register("dynamic_int8", DynamicInt8Config, graph_only=True)
 def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) -> ModelArtifact:
     """Dynamic int8 quantization of Linear layers (int8 weights, activations quantized at run time)."""
-    module = model.float_copy("dynamic_int8")
-    fp32 = task.export(module)
+    fp32 = model.float_graph("dynamic_int8", task)
     graph = quantize_dynamic_graph(fp32, config)
     ops = [n.op_type for n in graph.graph.node]
     notes = {"quantized_layers": ops.count("MatMulInteger"),
              "dynamic_quantize_nodes": ops.count("DynamicQuantizeLinear"),
              "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes)
+    return ModelArtifact(torch=model.torch, onnx=graph, notes=notes)

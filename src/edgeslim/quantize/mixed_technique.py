@@ -41,14 +41,13 @@ class MixedPrecisionConfig(TechniqueConfig):
             raise ConfigError(f"eval_samples: must be >= 1, got {self.eval_samples}")
 
 
-@register("mixed_precision", MixedPrecisionConfig)
+@register("mixed_precision", MixedPrecisionConfig, graph_only=True)
 def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Task) -> ModelArtifact:
     """Accuracy-aware int8: per-layer sensitivity, then the fewest float layers within the budget."""
-    module = model.float_copy("mixed_precision")
     ptq = config.ptq
     dtype = resolve_activation_dtype(ptq.activation_dtype)
     batches = [x for x, _ in task.calibration_batches(ptq.batch_size, limit=ptq.calibration_samples)]
-    folded = prepare_float(task.export(module), batches, ptq)
+    folded = prepare_float(model.float_graph("mixed_precision", task), batches, ptq)
     # ``fixed``: per-token by the user's choice (ptq.per_token), not searched
     full, fixed = plan_per_token(folded, ptq.per_token, exclude=ptq.exclude, op_types=ptq.op_types or None,
                                  activation_matmuls=ptq.activation_matmuls)
@@ -87,4 +86,4 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
                               f"{len(raised)} of {len(rows)} layers {kept}")
     notes = {"float_layers" if config.high == "fp32" else "per_token_layers": sorted(raised), "budget_met": met,
              "search_metric": score}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes, files=files)
+    return ModelArtifact(torch=model.torch, onnx=graph, notes=notes, files=files)
