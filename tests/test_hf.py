@@ -87,3 +87,27 @@ def test_bad_folders_fail_with_one_line(tmp_path, image_dir):
     (config_only / "config.json").write_text((image_dir / "config.json").read_text())
     with pytest.raises(ModelError, match="cannot load"):
         load_hf(config_only)
+
+
+def test_recipe_with_a_text_encoder_folder_scores_cosine_on_the_sentences(tmp_path, monkeypatch):
+    from edgeslim.recipe import load_recipe, run_recipe
+
+    torch.manual_seed(0)
+    encoder = tmp_path / "encoder"
+    cfg = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, architectures=["BertModel"])
+    transformers.BertModel(cfg).save_pretrained(str(encoder))
+    _save_tokenizer(encoder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(json.dumps({
+        "model": {"hf": "encoder"}, "data": {"dataset": "sentences", "seq_len": 16, "calibration_samples": 16,
+                                             "eval_samples": 16},
+        "steps": [{"technique": "dynamic_int8"}], "output": "out",
+        "runtime": {"warmup": 1, "runs": 3, "rounds": 1, "measure_memory": False}}))
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    assert recipe.metric == "cosine"  # an encoder's default: fidelity to its fp32 embeddings
+    fp32, int8 = run_recipe(recipe, progress=False).stages
+    assert fp32.metrics["cosine"] > 0.9999 and int8.metrics["cosine"] > 0.9
+    (tmp_path / "recipe.yaml").write_text(json.dumps({"model": {"hf": "encoder"}, "data": {"dataset": "digits"}}))
+    with pytest.raises(es.errors.ConfigError, match="does not fit model"):
+        load_recipe(tmp_path / "recipe.yaml")

@@ -321,3 +321,54 @@ def test_input_shape_sets_the_default_crop_of_a_bundled_model(folders):
     manual = load_images([path], Preprocess(resize=48, crop=16, mean=(127 / 255,), std=(128 / 255,),
                                             interpolation="bicubic"))
     assert any(np.array_equal(manual[0], x) for x in np.concatenate([split.x_train, split.x_test]))
+
+
+def test_recipe_with_an_onnx_file_as_the_model(project):
+    """``model: {onnx: FILE}``: graph techniques run on it; a technique needing the module is refused."""
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(project))
+    try:
+        from nets import colour_net
+    finally:
+        sys.path.remove(str(project))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(colour_net().eval(), (torch.zeros(1, 3, 8, 8),), str(project / "colour.onnx"), dynamo=False)
+    data = {"images": "classes", "calibration_samples": 4, "eval_samples": 8,
+            "preprocess": {"resize": 12, "crop": 8, "mean": [0.5], "std": [0.25]}}
+    result = _run(project, {"model": {"onnx": "colour.onnx"}, "data": data, "metric": ["accuracy", "agreement"]})
+    fp32, int8 = result.stages
+    assert fp32.metrics["accuracy"] == 1.0 and int8.metrics["agreement"] >= 0.875
+    assert int8.metrics["int8_op_fraction"] == 1.0
+    path = project / "prune.yaml"
+    path.write_text(json.dumps({"model": {"onnx": "colour.onnx"}, "data": data, "runtime": FAST, "output": "out2",
+                                "steps": [{"technique": "prune_magnitude", "sparsity": 0.5}]}))
+    with pytest.raises(ConfigError, match="prune_magnitude needs the PyTorch module"):
+        run_recipe(load_recipe(path), progress=False)
+    assert not (project / "out2").exists()
+    path.write_text(json.dumps({"model": {"onnx": "colour.onnx", "train": {"epochs": 1}}, "data": data}))
+    with pytest.raises(ConfigError, match="train: a model given as onnx is used as it is"):
+        load_recipe(path)
+
+
+def test_recipe_with_a_transformers_folder_takes_its_preprocessing(project):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3,
+                                    architectures=["ResNetForImageClassification"])
+    transformers.ResNetForImageClassification(cfg).save_pretrained(str(project / "hfnet"))
+    (project / "hfnet" / "preprocessor_config.json").write_text(json.dumps({
+        "size": {"shortest_edge": 20}, "do_center_crop": True, "crop_size": {"height": 16, "width": 16},
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}))
+    result = _run(project, {"model": {"hf": "hfnet"}, "data": {"images": "classes", "calibration_samples": 4,
+                                                                "eval_samples": 8}, "metric": ["accuracy", "agreement"]})
+    saved = json.loads((project / "out" / "metrics.json").read_text())
+    assert saved["stages"][1]["int8_op_fraction"] == 1.0
+    assert result.stages[0].metrics["agreement"] == 1.0
+    import onnx
+
+    graph = onnx.load(str(result.stages[0].onnx_path))
+    shape = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim[1:]]
+    assert graph.graph.input[0].name == "pixel_values" and shape == [3, 16, 16]  # the folder's crop

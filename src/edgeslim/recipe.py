@@ -65,7 +65,10 @@ class TrainSpec(Checked):
 
 @dataclass(frozen=True)
 class ModelSpec(Checked):
-    """A bundled model ``name``, or a ``factory`` ("module:function") called with ``kwargs``.
+    """A bundled model ``name``; a ``factory`` ("module:function") called with ``kwargs``; a float
+    ONNX file ``onnx`` (then only graph techniques apply: see :mod:`edgeslim.runtime.onnx_source`);
+    or a folder ``hf`` saved by ``transformers`` (an image or sequence classifier, or an encoder:
+    see :mod:`edgeslim.models.hf`). ONNX files and ``hf`` folders are pretrained.
     A model without a ``checkpoint`` is trained (``train``), unless it is ``pretrained``: a factory
     that returns trained weights, or a bundled pretrained model (their weights ship with them).
     ``input_shape`` (one sample, e.g. ``[3, 240, 240]``) is checked against the data, and gives an
@@ -78,10 +81,17 @@ class ModelSpec(Checked):
     train: TrainSpec | None = None
     input_shape: tuple[int, ...] | None = None
     pretrained: bool = False
+    onnx: str | None = None
+    hf: str | None = None
 
     def validate(self) -> None:
-        if (self.name is None) == (self.factory is None):
-            raise ConfigError("give exactly one of name (a bundled model) or factory ('module:function')")
+        given = [f for f in ("name", "factory", "onnx", "hf") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise ConfigError("give exactly one of name (a bundled model), factory ('module:function'), onnx "
+                              f"(a float .onnx file) or hf (a transformers model folder){'; got ' + ', '.join(given) if given else ''}")
+        if (self.onnx or self.hf) and (self.checkpoint or self.train or self.kwargs):
+            extra = next(f for f in ("checkpoint", "train", "kwargs") if getattr(self, f))
+            raise ConfigError(f"{extra}: a model given as {'onnx' if self.onnx else 'hf'} is used as it is (pretrained)")
         if self.name is not None and self.name not in known_models():
             raise ConfigError(f"name: unknown model {self.name!r} (known: {', '.join(known_models())})")
         if (self.name in PRETRAINED or self.pretrained) and (self.checkpoint or self.train):
@@ -184,12 +194,15 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
         if not ckpt.is_file():
             raise CheckpointError(f"model.checkpoint: file not found: {ckpt}")
         model = replace(model, checkpoint=str(ckpt))
+    for f in ("onnx", "hf"):
+        if getattr(model, f) is not None:
+            model = replace(model, **{f: str(_resolve(base, getattr(model, f)))})
     spec = build_dataclass(DataSpec, data.get("data"), "data")
     paths = {f: str(_resolve(base, getattr(spec, f))) for f in ("dir", "images", "labels", "arrays")
              if getattr(spec, f) is not None}
     spec = replace(spec, **paths)  # checked when read: a recipe validates without its data at hand
     _check_pairing(model, spec)
-    metric, extra = _metrics(data.get("metric", "cosine" if model.name in TEXT_MODELS else "accuracy"))
+    metric, extra = _metrics(data.get("metric", _default_metric(model)))
     steps_data = data.get("steps") or []
     if not isinstance(steps_data, list):
         raise ConfigError("steps: expected a list of {technique: NAME, ...} mappings")
@@ -203,12 +216,33 @@ def parse_recipe(data: Any, base_dir: str | Path = ".") -> Recipe:
                   base_dir=str(base))
 
 
+def _hf_kind(model: ModelSpec) -> str | None:
+    """What a recipe's ``hf`` folder holds ("image", "text_classifier", "text_encoder"), else None."""
+    if model.hf is None:
+        return None
+    from edgeslim.models.hf import hf_kind
+
+    return hf_kind(model.hf)
+
+
+def _is_text(model: ModelSpec) -> bool:
+    return model.name in TEXT_MODELS or (_hf_kind(model) or "").startswith("text")
+
+
+def _default_metric(model: ModelSpec) -> str:
+    """Cosine to the fp32 embeddings for encoders, agreement with fp32 for text classifiers (the
+    bundled sentences have no labels), accuracy otherwise."""
+    kind = "text_encoder" if model.name in TEXT_MODELS else _hf_kind(model)
+    return {"text_encoder": "cosine", "text_classifier": "agreement"}.get(kind or "", "accuracy")
+
+
 def _check_pairing(model: ModelSpec, data: DataSpec) -> None:
     """Text models take the sentences, pretrained image models images; ConfigError otherwise."""
-    if (model.name in TEXT_MODELS) != (data.dataset in TEXT_DATASETS):
+    if _is_text(model) != (data.dataset in TEXT_DATASETS):
         given = data.dataset or next(f"{f} {getattr(data, f)}" for f in ("images", "arrays", "factory") if getattr(data, f))
-        raise ConfigError(f"data.dataset: {given!r} does not fit model {model.name or model.factory!r} "
-                          f"(text models {', '.join(TEXT_MODELS)} take {', '.join(TEXT_DATASETS)})")
+        what = model.name or model.factory or model.onnx or model.hf
+        raise ConfigError(f"data.dataset: {given!r} does not fit model {what!r} "
+                          f"(text models ({', '.join(TEXT_MODELS)}, hf text folders) take {', '.join(TEXT_DATASETS)})")
     if model.name in VISION_MODELS and data.dataset is not None:
         raise ConfigError(f"data.dataset: {model.name} takes RGB images, not {data.dataset!r}: give data.images "
                           "(an image folder), data.arrays or data.factory")
@@ -293,15 +327,27 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
     spec = recipe.data
     from edgeslim.train import seed_everything
 
-    if recipe.model.name in TEXT_MODELS:
-        from edgeslim.models.minilm import build_minilm_task
+    hf = None
+    if recipe.model.hf is not None:
+        from edgeslim.models.hf import load_hf
 
-        return build_minilm_task(seq_len=spec.seq_len, calibration_samples=spec.calibration_samples,
-                                 eval_samples=spec.eval_samples or 256, seed=spec.seed)
-    split = load_data(recipe)
-    seed_everything(recipe.seed)  # before the model is built: its initial weights come from it
-    model = _build_model(recipe.model, split, recipe.base_dir)
+        hf = load_hf(recipe.model.hf)
+    if _is_text(recipe.model):
+        from edgeslim.models.minilm import build_minilm_task, build_text_task
+
+        sizes = {"seq_len": spec.seq_len, "calibration_samples": spec.calibration_samples,
+                 "eval_samples": spec.eval_samples or 256, "seed": spec.seed}
+        if hf is None:
+            return build_minilm_task(**sizes)
+        return build_text_task(hf.module, hf.tokenizer, hf.max_length, metric_name=recipe.metric, **sizes)
+    split = load_data(recipe, None if hf is None or hf.preprocess is None else Preprocess(**hf.preprocess))
     example = (torch.from_numpy(split.x_test[:1]),)
+    common = {"example_inputs": example, "metric": METRICS[recipe.metric], "metric_name": recipe.metric,
+              "extra_metrics": recipe.extra_metrics, **_parts(split, spec)}
+    if recipe.model.onnx is not None:  # the Task checks the graph against the data
+        return Task(model=recipe.model.onnx, **common)
+    seed_everything(recipe.seed)  # before the model is built: its initial weights come from it
+    model = hf.module if hf is not None else _build_model(recipe.model, split, recipe.base_dir)
     check_forward(model, example)  # fail before any training
     _check_labels(model, example, split)
     if recipe.model.checkpoint is not None:
@@ -309,32 +355,29 @@ def build_task(recipe: Recipe, progress: bool = True) -> Task:
 
         load_checkpoint(model, recipe.model.checkpoint)
         check_finite(model, f"model.checkpoint {recipe.model.checkpoint}")
-    elif recipe.model.name not in PRETRAINED and not recipe.model.pretrained:
+    elif recipe.model.name not in PRETRAINED and not recipe.model.pretrained and hf is None:
         model = _trained(model, recipe.model, spec, split, progress)
+    return Task(model=model.eval(), input_names=None if hf is None else hf.input_names, **common)
+
+
+def _parts(split, spec: DataSpec) -> dict[str, Any]:
+    """A split's calibration, evaluation and training data as Task fields."""
     n_eval = len(split.x_test) if spec.eval_samples is None else min(spec.eval_samples, len(split.x_test))
-    calib = (split.x_train[: spec.calibration_samples], split.y_train[: spec.calibration_samples])
-    return Task(
-        model=model.eval(),
-        example_inputs=example,
-        calibration=calib,
-        evaluation=(split.x_test[:n_eval], split.y_test[:n_eval]),
-        metric=METRICS[recipe.metric],
-        metric_name=recipe.metric,
-        train=(split.x_train, split.y_train),
-        extra_metrics=recipe.extra_metrics,
-    )
+    return {"calibration": (split.x_train[: spec.calibration_samples], split.y_train[: spec.calibration_samples]),
+            "evaluation": (split.x_test[:n_eval], split.y_test[:n_eval]), "train": (split.x_train, split.y_train)}
 
 
-def load_data(recipe: Recipe):
+def load_data(recipe: Recipe, model_preprocess: Preprocess | None = None):
     """The recipe's samples as a :class:`~edgeslim.data.Split` (calibration part, evaluation part),
-    checked against ``model.input_shape`` when the recipe states it."""
+    checked against ``model.input_shape`` when the recipe states it. ``model_preprocess`` is the
+    model's own image preprocessing, where it declares one (an ``hf`` folder)."""
     from edgeslim.data import arrays_split, check_arrays, class_folders, image_split, labels_file, load_arrays, \
         load_dataset
 
     spec = recipe.data
     cut = {"calibration_samples": spec.calibration_samples, "eval_samples": spec.eval_samples, "seed": spec.seed}
     if spec.images is not None:
-        preprocess, transform = _preprocessing(recipe)
+        preprocess, transform = _preprocessing(recipe, model_preprocess)
         if spec.labels is not None:
             files, labels = labels_file(spec.labels, spec.images)
         else:
@@ -373,9 +416,10 @@ def load_data(recipe: Recipe):
     return split
 
 
-def _preprocessing(recipe: Recipe) -> tuple[Preprocess, Any]:
+def _preprocessing(recipe: Recipe, model_preprocess: Preprocess | None = None) -> tuple[Preprocess, Any]:
     """The image preprocessing: the recipe's fields over the model's own (a bundled pretrained
-    model's; for others ImageNet's, at ``model.input_shape``'s size), or the recipe's factory."""
+    model's, or ``model_preprocess`` from an ``hf`` folder, completed by ImageNet's; for others
+    ImageNet's, at ``model.input_shape``'s size), or the recipe's factory."""
     given = recipe.data.preprocess or Preprocess()
     if given.factory is not None:
         return given, import_factory(given.factory, recipe.base_dir, "data.preprocess.factory", DataError)
@@ -385,6 +429,8 @@ def _preprocessing(recipe: Recipe) -> tuple[Preprocess, Any]:
         from edgeslim.models.efficientnet_lite import preprocess
 
         default = preprocess(model.name, size)
+    elif model_preprocess is not None:
+        default = model_preprocess.over(IMAGENET)
     elif size is not None:  # ImageNet's crop fraction (224 of 256) at this size
         default = replace(IMAGENET, crop=size, resize=round(size * IMAGENET.resize / IMAGENET.crop))
     else:

