@@ -51,7 +51,7 @@ def token_task() -> Task:
     x_eval = _tokens(64, 1)
     with torch.no_grad():
         ref = model(torch.from_numpy(x_eval)).numpy()
-    return Task(model, (torch.from_numpy(x_eval[:1]),), calibration=(_tokens(64, 0), np.zeros(64)),
+    return Task(model, (torch.from_numpy(x_eval[:1]),), calibration=(_tokens(64, 0), None),
                 evaluation=(x_eval, ref), metric=cosine, metric_name="cosine")
 
 

@@ -16,7 +16,8 @@ import numpy as np
 
 from edgeslim.errors import DataError
 
-__all__ = ["METRICS", "accuracy", "cosine", "cosine_min", "pair_scores", "row_cosines", "spearman", "sqnr_db"]
+__all__ = ["METRICS", "accuracy", "cosine", "cosine_min", "metric_resolution", "pair_scores", "row_cosines",
+           "spearman", "sqnr_db"]
 
 _EPS = 1e-12
 
@@ -79,6 +80,17 @@ def accuracy(outputs: Any, targets: Any) -> float:
 # Metrics by recipe name. "cosine": mean cosine similarity of output vectors to the targets (for an
 # embedding model, targets are the fp32 model's own embeddings: fidelity of the compressed model).
 METRICS: dict[str, Callable[[Any, Any], float]] = {"accuracy": accuracy, "cosine": cosine}
+
+
+# Metrics whose value is the fraction of samples that pass (one sample moves them by 1/n).
+COUNTING_METRICS: tuple[Callable[[Any, Any], float], ...] = (accuracy,)
+
+
+def metric_resolution(metric: Callable[[Any, Any], float], samples: int) -> float | None:
+    """The smallest change of ``metric`` that one of ``samples`` samples can make: ``1 / samples``
+    for a metric that counts samples (:data:`COUNTING_METRICS`), None for a continuous one (cosine).
+    A budget below it cannot be told apart from no drop at all on that many samples."""
+    return 1.0 / samples if metric in COUNTING_METRICS and samples > 0 else None
 
 
 def sqnr_db(reference: Any, actual: Any) -> float:

@@ -80,6 +80,8 @@ def markdown_table(result) -> str:
         if s.technique and fp:
             lines.append(f"- `{s.name}`: compute nodes still in float: {', '.join(fp[:10])}"
                          + (" …" if len(fp) > 10 else ""))
+        # a step's warnings for people (``notes["warnings"]``, e.g. a budget finer than its data resolves)
+        lines += [f"- `{s.name}`: **warning**: {w}" for w in s.metrics.get("note_warnings") or []]
     return "\n".join(lines) + "\n"
 
 
