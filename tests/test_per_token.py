@@ -51,7 +51,7 @@ def token_task() -> Task:
     x_eval = _tokens(64, 1)
     with torch.no_grad():
         ref = model(torch.from_numpy(x_eval)).numpy()
-    return Task(model, (torch.from_numpy(x_eval[:1]),), calibration=(_tokens(64, 0), np.zeros(64)),
+    return Task(model, (torch.from_numpy(x_eval[:1]),), calibration=(_tokens(64, 0), None),
                 evaluation=(x_eval, ref), metric=cosine, metric_name="cosine")
 
 
@@ -89,6 +89,30 @@ def test_per_token_beats_one_scale_per_tensor_on_outlier_tokens(token_task):
     db = {name: sqnr_db(ref, _out(g, x)) for name, g in (("static", static), ("dynamic", dynamic),
                                                           ("per_token", per_token))}
     assert db["per_token"] > db["static"] + 10 and db["per_token"] > db["dynamic"] + 10, db
+
+
+def test_dynamic_int8_runs_named_layers_per_token(token_task):
+    """Dynamic int8 with ``per_token``: fc2 (outlier tokens) on per-token scales, fc1 on one scale
+    per call, far closer to fp32 than one scale per tensor; the technique calibrates SmoothQuant
+    from the task's calibration set when asked."""
+    fp32 = token_task.export(token_task.model)
+    x, ref = token_task.evaluation
+    mixed = quantize_dynamic_graph(fp32, DynamicInt8Config(per_token=("fc2",)))
+    ops = [n.op_type for n in mixed.graph.node]
+    assert ops.count("DynamicQuantizeLinear") == 1 and ops.count("MatMulInteger") == 2 and "ReduceMax" in ops
+    plain = quantize_dynamic_graph(fp32, DynamicInt8Config())
+    assert sqnr_db(ref, _out(mixed, x)) > sqnr_db(ref, _out(plain, x)) + 10
+    with pytest.raises(ConfigError, match="per_token: 'fc9' matches no quantizable layer"):
+        quantize_dynamic_graph(fp32, DynamicInt8Config(per_token=("fc9",)))
+    with pytest.raises(ConfigError, match="smoothquant_alpha: SmoothQuant needs calibration inputs"):
+        quantize_dynamic_graph(fp32, DynamicInt8Config(smoothquant_alpha=0.5))
+    from edgeslim.quantize.dynamic_technique import dynamic_int8
+
+    config = DynamicInt8Config(per_token=("fc*",), smoothquant_alpha=0.5)
+    out = dynamic_int8(ModelArtifact(token_task.model), config, token_task)  # calibrates SmoothQuant on the task
+    direct = quantize_dynamic_graph(fp32, config, [token_task.calibration[0]])
+    np.testing.assert_array_equal(_out(out.onnx, x), _out(direct, x))
+    assert sqnr_db(ref, _out(out.onnx, x)) > sqnr_db(ref, _out(plain, x)) + 10
 
 
 def test_per_token_names_unknown_layers_and_rejects_non_linear_ones(token_task):

@@ -66,6 +66,7 @@ def test_metrics_json_contract(digits_run):
     assert q["macs"] == fp32["macs"] == 64 * 300 + 300 * 100 + 100 * 10
     assert abs(q["accuracy"] - fp32["accuracy"]) <= 0.02
     assert m["runtime"]["threads"] == 1 and m["machine"]["cpu_count"] >= 1
+    assert m["runtime"]["seq_lens"] == "eval" and m["runtime"]["measured_seq_lens"] is None  # no sequence axis
 
 
 def test_list_shows_techniques(capsys):

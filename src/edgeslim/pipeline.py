@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import onnx
@@ -31,7 +31,17 @@ console = Console(stderr=True)
 
 @dataclass(frozen=True)
 class RuntimeConfig(Checked):
-    """How stages are measured on ONNX Runtime (1 intra-op thread: the edge case)."""
+    """How stages are measured on ONNX Runtime (1 intra-op thread: the edge case).
+
+    ``seq_lens`` sets the sequence lengths of a model with a dynamic sequence axis
+    (``Task.dynamic_dims``, e.g. MiniLM's tokens): "eval" times the evaluation samples in turn,
+    each batch of ``batch_size`` cut to its longest real length (batch 1: every sentence unpadded,
+    at its own length: what users send); a list such as ``[16, 32, 128]`` times every sample padded
+    or cut to each length and reports the median per length too; "example" times the example
+    input's shape (for MiniLM, padded to the task's ``seq_len``). The timed calls cycle through
+    the samples (up to ``runs`` of them). Models without a sequence axis always use the example
+    input. ``metrics.json`` records the lengths measured (``runtime.measured_seq_lens``).
+    """
 
     threads: int = 1
     batch_size: int = 1
@@ -40,11 +50,20 @@ class RuntimeConfig(Checked):
     rounds: int = 5
     measure_memory: bool = True
     flush_denormals: bool = False  # time with denormals flushed to zero (see edgeslim.runtime.bench)
+    seq_lens: Literal["eval", "example"] | tuple[int, ...] = "eval"
 
     def validate(self) -> None:
         cpus = os.cpu_count() or 1
         if not 1 <= self.threads <= cpus:
             raise ConfigError(f"threads: must be in [1, {cpus}] (this machine's cores), got {self.threads}")
+        if isinstance(self.seq_lens, tuple):
+            if not self.seq_lens:
+                raise ConfigError('seq_lens: give at least one length, or "eval" / "example"')
+            bad = next((n for n in self.seq_lens if not 1 <= n <= 1_000_000), None)
+            if bad is not None:
+                raise ConfigError(f"seq_lens: lengths must be in [1, 1,000,000], got {bad}")
+            if len(set(self.seq_lens)) != len(self.seq_lens):
+                raise ConfigError(f"seq_lens: {list(self.seq_lens)} names a length twice")
 
 
 @dataclass
@@ -140,6 +159,9 @@ def _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, s
                 raise ConfigError(f"steps[{i}]: {tech.name} needs the PyTorch module; a model given as an ONNX "
                                   f"graph takes only {graph_ones}")
     _check_batch_fits(task, runtime)
+    if isinstance(runtime.seq_lens, tuple) and sequence_axes(task) is None:
+        raise ConfigError("runtime.seq_lens: the model has no sequence axis to set (Task.dynamic_dims names none); "
+                          "leave seq_lens out")
     args = (task, steps, techniques, runtime, baseline_name, recipe, seed)
     if isinstance(out_dir, io.RunFolder):  # opened by the caller (a recipe: before the model was trained)
         return _write_run(out_dir.staging, *args)
@@ -229,9 +251,10 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         shown = "  ".join(f"{m} {stage.metrics[m]:.4f}" for m in (task.metric_name, *task.extra_metrics))
         console.print(f"  {shown}  size {stage.metrics['size_bytes']:,} B")
         stages.append(stage)
-    _measure_latency(stages, task, runtime)
+    measured = _measure_latency(stages, task, runtime)
     _relative(stages, task.metric_name)
-    rt = {**vars(runtime), "provider": "CPUExecutionProvider", "onnxruntime": ort.__version__}
+    rt = {**vars(runtime), "measured_seq_lens": measured, "provider": "CPUExecutionProvider",
+          "onnxruntime": ort.__version__}
     return RunResult(stages, stages[0].name, task.metric_name, rt, machine_info(), stage_dir,
                      extra_metrics=task.extra_metrics)
 
@@ -293,26 +316,71 @@ def _macs(graph: onnx.ModelProto, task: Task) -> int | None:
         return None
 
 
-def _measure_latency(stages: list[Stage], task: Task, runtime: RuntimeConfig) -> None:
-    from edgeslim.runtime import compare_latency, peak_memory_bytes
+def sequence_axes(task: Task) -> tuple[int | None, ...] | None:
+    """Each input's sequence axis: its one dynamic axis past the batch axis (``Task.dynamic_dims``);
+    None when no input has exactly one (the model takes fixed shapes, or images of any size)."""
+    if not task.dynamic_dims:
+        return None
+    axes = tuple(next(iter(d)) if len(d) == 1 and next(iter(d)) >= 1 else None for d in task.dynamic_dims)
+    return axes if len(axes) == len(task.example_inputs) and any(a is not None for a in axes) else None
 
-    x = tuple(_repeat(t.detach().cpu().numpy(), runtime.batch_size) for t in task.example_inputs)
+
+def latency_inputs(task: Task, runtime: RuntimeConfig) -> tuple[Any, dict[str, Any] | None]:
+    """What the stages are timed on, and the summary of its sequence lengths for ``metrics.json``
+    (None for a model without a sequence axis): a :class:`~edgeslim.runtime.bench.Workload` of
+    evaluation samples at the lengths ``runtime.seq_lens`` asks for, or the example input repeated
+    to ``runtime.batch_size`` rows (no sequence axis, or ``seq_lens: example``)."""
+    from edgeslim.runtime.bench import fixed_lengths, own_lengths
+    from edgeslim.task import iter_batches
+
+    axes = sequence_axes(task)
+    if axes is None or runtime.seq_lens == "example":
+        x = tuple(_repeat(t.detach().cpu().numpy(), runtime.batch_size) for t in task.example_inputs)
+        if axes is None:
+            return (x if len(x) > 1 else x[0]), None
+        length = int(next(t.shape[a] for t, a in zip(x, axes) if a is not None))
+        return (x if len(x) > 1 else x[0]), {"source": "example", "feeds": 1, "min": length, "p50": float(length),
+                                              "mean": float(length), "max": length, "lengths": [length]}
+    limit = runtime.runs * runtime.batch_size
+    xs = [x for x, _ in iter_batches(task.evaluation, 256, limit)]
+    samples = (tuple(np.concatenate([b[i] for b in xs]) for i in range(len(xs[0]))) if isinstance(xs[0], tuple)
+               else np.concatenate(xs))
+    if runtime.seq_lens == "eval":
+        load = own_lengths(samples, axes, runtime.batch_size)
+        return load, {"source": "eval", **load.summary()}
+    per_length = max(1, limit // len(runtime.seq_lens))  # the same number of calls at every length
+    load = fixed_lengths(samples, axes, runtime.seq_lens, runtime.batch_size, limit=per_length)
+    return load, {"source": "stated", **load.summary()}
+
+
+def _measure_latency(stages: list[Stage], task: Task, runtime: RuntimeConfig) -> dict[str, Any] | None:
+    """Time every stage side by side; returns the measured lengths' summary (None: no sequence axis)."""
+    from edgeslim.report.markdown import lengths_text
+    from edgeslim.runtime import compare_latency, peak_memory_bytes
+    from edgeslim.runtime.bench import Workload
+
+    x, lengths = latency_inputs(task, runtime)
+    where = "" if lengths is None else ", " + lengths_text(lengths)
     console.print(f"measuring latency of {len(stages)} stages side by side "
-                  f"({runtime.runs} runs each, batch {runtime.batch_size}, {runtime.threads} thread(s))")
+                  f"({runtime.runs} runs each, batch {runtime.batch_size}, {runtime.threads} thread(s){where})")
     stats = compare_latency({s.name: s.onnx_path for s in stages}, x, threads=runtime.threads,
                             warmup=runtime.warmup, runs=runtime.runs, rounds=runtime.rounds,
                             flush_denormals=runtime.flush_denormals)
+    biggest = x.longest() if isinstance(x, Workload) else x
+    biggest = biggest if isinstance(biggest, tuple) else (biggest,)
     for s in stages:
         d = stats[s.name].to_dict()
-        s.metrics.update({k: d[k] for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean")})
+        s.metrics.update({k: d[k] for k in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p99", "latency_ms_mean",
+                                            "latency_ms_p50_by_seq_len")})
         s.metrics["batch_size"] = runtime.batch_size
         s.metrics["flush_denormals"] = runtime.flush_denormals
-        if runtime.measure_memory:
+        if runtime.measure_memory:  # at the longest input timed
             names = [i.name for i in onnx.load(s.onnx_path, load_external_data=False).graph.input]
-            shapes = {name: list(a.shape) for name, a in zip(names, x)}
+            shapes = {name: list(a.shape) for name, a in zip(names, biggest)}
             s.metrics["peak_memory_bytes"] = peak_memory_bytes(s.onnx_path, shapes, threads=runtime.threads)
         else:
             s.metrics["peak_memory_bytes"] = None
+    return lengths
 
 
 def _repeat(a: np.ndarray, batch_size: int) -> np.ndarray:

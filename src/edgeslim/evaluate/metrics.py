@@ -17,8 +17,8 @@ import numpy as np
 
 from edgeslim.errors import DataError
 
-__all__ = ["METRICS", "VS_BASELINE", "accuracy", "agreement", "cosine", "cosine_min", "pair_scores", "row_cosines",
-           "spearman", "sqnr_db", "top5"]
+__all__ = ["METRICS", "VS_BASELINE", "accuracy", "agreement", "cosine", "cosine_min", "metric_resolution", "pair_scores",
+           "row_cosines", "spearman", "sqnr_db", "top5"]
 
 _EPS = 1e-12
 
@@ -116,6 +116,17 @@ METRICS: dict[str, Callable[[Any, Any], float]] = {"accuracy": accuracy, "top5":
 # Metrics whose reference is the baseline model's outputs on the same samples, not the data's
 # targets: the pipeline hands every stage's outputs to them with the baseline stage's outputs.
 VS_BASELINE: frozenset[str] = frozenset({"agreement"})
+
+
+# Metrics whose value is the fraction of samples that pass (one sample moves them by 1/n).
+COUNTING_METRICS: tuple[Callable[[Any, Any], float], ...] = (accuracy,)
+
+
+def metric_resolution(metric: Callable[[Any, Any], float], samples: int) -> float | None:
+    """The smallest change of ``metric`` that one of ``samples`` samples can make: ``1 / samples``
+    for a metric that counts samples (:data:`COUNTING_METRICS`), None for a continuous one (cosine).
+    A budget below it cannot be told apart from no drop at all on that many samples."""
+    return 1.0 / samples if metric in COUNTING_METRICS and samples > 0 else None
 
 
 def sqnr_db(reference: Any, actual: Any) -> float:

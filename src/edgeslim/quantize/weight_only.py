@@ -229,15 +229,16 @@ def quantize_weight_only_graph(model: onnx.ModelProto, config: WeightOnlyConfig 
 
 def budgeted_bits(fp32: onnx.ModelProto, config: WeightOnlyConfig, task: Task
                    ) -> tuple[WeightOnlyConfig, dict[str, str | bytes]]:
-    """Per-layer sensitivity at ``bits``, then the fewest layers at ``high_bits`` that meet ``max_drop``."""
+    """Every layer at ``bits`` if that meets ``max_drop``; else per-layer sensitivity at ``bits``,
+    then the fewest layers at ``high_bits`` that meet it. Measured on a validation split of the
+    calibration set (:func:`edgeslim.quantize.mixed.hold_out`; weight-only calibrates nothing, so
+    every sample it reads validates), never on the task's evaluation set."""
     from edgeslim.quantize.lower import layer_name
-    from edgeslim.quantize.mixed import Evaluator, fewest_layers, sensitivity_files
+    from edgeslim.quantize.mixed import Evaluator, choose_layers, hold_out, sensitivity_files
 
     sites = find_linear_sites(fp32, ("MatMul", "Gemm"), config.exclude)
     names = [node_label(s.node, s.index) for s in sites if node_label(s.node, s.index) not in config.layer_bits]
-    ev = Evaluator(task, config.eval_samples)
-    ref = ev.outputs(fp32)
-    base = ev.score(ref)
+    ev = Evaluator(task, hold_out(task, config.validation_samples, 0, config.seed), fp32)
     solo = replace(config, embeddings=False, max_drop=None)
 
     def graph_with(low: set[str]) -> onnx.ModelProto:
@@ -245,17 +246,17 @@ def budgeted_bits(fp32: onnx.ModelProto, config: WeightOnlyConfig, task: Task
         others = [n for n in names if n not in low]
         return quantize_weight_only_graph(fp32, replace(solo, exclude=tuple(config.exclude) + tuple(others)))
 
-    rows = ev.sensitivity(names, lambda name: graph_with({name}), ref, base, f"int{config.bits}",
-                          ["MatMulNBits"] * len(names))
-    modules = {node_label(s.node, s.index): layer_name(s.node) for s in sites}
-    for row in rows:
-        row["module"] = modules[row["layer"]]  # the torch module, where the exporter recorded it
-
     def mixed(high: set[str]) -> onnx.ModelProto:
         return quantize_weight_only_graph(fp32, replace(solo, layer_bits={**config.layer_bits,
                                                                           **{n: config.high_bits for n in high}}))
 
-    high, score, met, _ = fewest_layers(rows, mixed, ev, base, config.max_drop, f"int{config.high_bits}")
-    files = sensitivity_files(rows, task.metric_name, base, score, config.max_drop, met,
-                              f"{len(high)} of {len(rows)} layers at int{config.high_bits}, the rest at int{config.bits}")
-    return replace(config, max_drop=None, layer_bits={**config.layer_bits, **{n: config.high_bits for n in high}}), files
+    low, high_name = f"int{config.bits}", f"int{config.high_bits}"
+    choice = choose_layers(ev, [(n, "MatMulNBits") for n in names], mixed, lambda name: graph_with({name}),
+                           config.max_drop, low, high_name, config.progress)
+    modules = {node_label(s.node, s.index): layer_name(s.node) for s in sites}
+    for row in choice.rows:
+        row["module"] = modules[row["layer"]]  # the torch module, where the exporter recorded it
+    files = sensitivity_files(choice, ev, config.max_drop,
+                              f"{len(choice.raised)} of {len(names)} layers at {high_name}, the rest at {low}", low)
+    return replace(config, max_drop=None,
+                   layer_bits={**config.layer_bits, **{n: config.high_bits for n in choice.raised}}), files

@@ -22,7 +22,10 @@ class WeightOnlyConfig(TechniqueConfig):
     activations to int8 inside the kernel (several times faster, slightly less accurate).
     ``layer_bits`` sets the width of named layers; with ``max_drop``, each layer is measured alone
     at ``bits`` and the fewest most-sensitive layers go to ``high_bits`` to keep the metric within
-    the budget (int4 with a few int8 layers; the table is written as ``sensitivity.md``).
+    the budget (int4 with a few int8 layers; the table is written as ``sensitivity.md``), measured on
+    ``validation_samples`` samples of the calibration set picked by a shuffle seeded with ``seed``
+    (None: all of it, at most 512), never on the evaluation set; none is scanned when every
+    layer at ``bits`` already meets the budget.
     """
 
     bits: int = 4
@@ -35,7 +38,9 @@ class WeightOnlyConfig(TechniqueConfig):
     layer_bits: dict[str, int] = field(default_factory=dict)  # node name -> bits, overriding ``bits``
     max_drop: float | None = None  # accuracy budget: promote the fewest layers to ``high_bits`` to meet it
     high_bits: int = 8
-    eval_samples: int | None = None  # evaluation samples for the budget search (None: all)
+    validation_samples: int | None = None  # held out from calibration for the budget search (see mixed.hold_out)
+    seed: int = 0  # shuffles the validation split
+    progress: bool = True  # a line per layer of the budget search
 
     def validate(self) -> None:
         for name, value in [("bits", self.bits), ("high_bits", self.high_bits),
@@ -46,8 +51,8 @@ class WeightOnlyConfig(TechniqueConfig):
                 raise ConfigError(f"{name}: ONNX Runtime's CPU MatMulNBits kernel runs 2, 4 or 8 bits, got {value}")
         if self.max_drop is not None and not self.max_drop >= 0:
             raise ConfigError(f"max_drop: must be >= 0, got {self.max_drop}")
-        if self.eval_samples is not None and self.eval_samples < 1:
-            raise ConfigError(f"eval_samples: must be >= 1, got {self.eval_samples}")
+        if self.validation_samples is not None and self.validation_samples < 1:
+            raise ConfigError(f"validation_samples: must be >= 1, got {self.validation_samples}")
         if self.group_size < 16 or self.group_size & (self.group_size - 1):
             raise ConfigError("group_size: must be a power of two >= 16 (MatMulNBits block_size), "
                               f"got {self.group_size}")

@@ -61,6 +61,14 @@ def table_lines(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[s
             + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+def lengths_text(summary: dict[str, Any]) -> str:
+    """The sequence lengths latency was timed at, in words, from ``runtime.measured_seq_lens``."""
+    if summary.get("source") == "eval":
+        return (f"evaluation samples at their own lengths (median {summary['p50']:g}, "
+                f"{summary['min']}–{summary['max']} tokens, {summary['feeds']} inputs in turn)")
+    return "sequence length" + ("s " if len(summary["lengths"]) > 1 else " ") + ", ".join(map(str, summary["lengths"]))
+
+
 def markdown_table(result) -> str:
     """The run's ``report.md``: a table with one row per stage and the measuring conditions."""
     headers, rows = _rows(result)
@@ -70,17 +78,25 @@ def markdown_table(result) -> str:
         "",
         f"Baseline: `{result.baseline}`. ×smaller and ×faster are relative to it; latency is ONNX Runtime "
         f"{rt.get('onnxruntime')} on {rt.get('provider')}, {rt.get('threads')} intra-op thread(s), batch "
-        f"{rt.get('batch_size')}{', denormals flushed to zero' if rt.get('flush_denormals') else ''}, "
+        f"{rt.get('batch_size')}{', denormals flushed to zero' if rt.get('flush_denormals') else ''}"
+        f"{', ' + lengths_text(rt['measured_seq_lens']) if rt.get('measured_seq_lens') else ''}, "
         f"{rt.get('runs')} timed runs after {rt.get('warmup')} warm-up, all stages "
         f"interleaved in one process. int8 ops: share of compute ops (Conv/MatMul/Gemm families) that run as "
         f"integer kernels in the ORT-optimized graph. Machine: {mc.get('cpu')} ({mc.get('cpu_count')} cores).",
         "",
     ]
     for s in result.stages:
+        by_len = s.metrics.get("latency_ms_p50_by_seq_len")
+        if by_len:
+            lines.append(f"- `{s.name}`: p50 ms by sequence length: "
+                         + ", ".join(f"{n}: {ms:.3f}" for n, ms in by_len.items()))
+    for s in result.stages:
         fp = s.metrics.get("fp_compute_nodes") or []
         if s.technique and fp:
             lines.append(f"- `{s.name}`: compute nodes still in float: {', '.join(fp[:10])}"
                          + (" …" if len(fp) > 10 else ""))
+        # a step's warnings for people (``notes["warnings"]``, e.g. a budget finer than its data resolves)
+        lines += [f"- `{s.name}`: **warning**: {w}" for w in s.metrics.get("note_warnings") or []]
     return "\n".join(lines) + "\n"
 
 

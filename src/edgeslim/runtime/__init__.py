@@ -4,8 +4,8 @@ This subpackage imports ``torch`` only inside :func:`export_onnx` and :func:`den
 existing ONNX files stays light.
 """
 
-from edgeslim.runtime.bench import (LatencyStats, benchmark_latency, compare_latency, denormals_flushed, machine_info,
-                                    peak_memory_bytes)
+from edgeslim.runtime.bench import (LatencyStats, Workload, benchmark_latency, compare_latency, denormals_flushed,
+                                    fixed_lengths, machine_info, own_lengths, peak_memory_bytes)
 from edgeslim.runtime.export import export_onnx, validate_outputs
 from edgeslim.runtime.inspect import COMPUTE_OPS, INT8_OPS, GraphReport, inspect_optimized, report_graph
 from edgeslim.runtime.ort import dummy_feed, input_feed, input_shapes, make_session, parse_shapes, predict, run, with_static_shapes
@@ -18,6 +18,7 @@ __all__ = [
     "INT8_OPS",
     "GraphReport",
     "LatencyStats",
+    "Workload",
     "benchmark_latency",
     "bound_softmax_inputs",
     "compare_latency",
@@ -26,12 +27,14 @@ __all__ = [
     "denormals_flushed",
     "dummy_feed",
     "export_onnx",
+    "fixed_lengths",
     "input_feed",
     "input_shapes",
     "inspect_optimized",
     "machine_info",
     "make_session",
     "op_histogram",
+    "own_lengths",
     "parse_shapes",
     "peak_memory_bytes",
     "predict",

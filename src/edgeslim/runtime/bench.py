@@ -6,7 +6,11 @@ flushed to zero (x86 FTZ/DAZ): attention softmax over padded (masked) positions 
 very negative logits, whose denormal results cost ~10x on x86 (measured: ORT's Softmax on
 1x12x128x128 logits, 0.08 ms normal vs 0.9-2.1 ms with masked logits; 34% of int8 MiniLM's
 time at seq 128). ORT's ``session.set_denormal_as_zero`` only reaches its pool threads, and at
-1 intra-op thread ORT computes on the caller's thread, so the flag is also set there. Memory: measured in a fresh subprocess so the
+1 intra-op thread ORT computes on the caller's thread, so the flag is also set there. Sequence models are timed at the lengths users send: a :class:`Workload` holds several inputs
+that the timed calls cycle through, e.g. each evaluation sentence unpadded at its own length
+(:func:`own_lengths`) or every sentence padded or cut to each of a stated set of lengths
+(:func:`fixed_lengths`); at 25 tokens a padded-to-128 figure overstates MiniLM's latency 3-4x and
+ranks int8 graphs differently (per-kernel overheads weigh more on short inputs). Memory: measured in a fresh subprocess so the
 caller's heap (torch, data sets, other sessions) does not pollute the number. Every figure is
 reported with :func:`machine_info`, the machine and library versions it was measured with.
 """
@@ -22,7 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -31,8 +35,8 @@ import onnxruntime as ort
 from edgeslim.errors import RuntimeToolError
 from edgeslim.runtime.ort import first_line, input_feed, make_session
 
-__all__ = ["LatencyStats", "benchmark_latency", "compare_latency", "denormals_flushed", "machine_info",
-           "peak_memory_bytes"]
+__all__ = ["LatencyStats", "Workload", "benchmark_latency", "compare_latency", "denormals_flushed", "fixed_lengths",
+           "machine_info", "own_lengths", "peak_memory_bytes"]
 
 _MEMORY_TIMEOUT_S = 120
 
@@ -50,6 +54,8 @@ class LatencyStats:
     batch_size: int
     threads: int
     flush_denormals: bool = False
+    # p50 at each sequence length of a Workload with ``by_length`` (a stated set of lengths), else None
+    p50_ms_by_seq_len: dict[int, float] | None = None
 
     def to_dict(self) -> dict:
         """Flat dict with the key names used in reports and JSON results."""
@@ -63,14 +69,129 @@ class LatencyStats:
             "batch_size": self.batch_size,
             "threads": self.threads,
             "flush_denormals": self.flush_denormals,
+            "latency_ms_p50_by_seq_len": (None if self.p50_ms_by_seq_len is None
+                                          else {str(k): v for k, v in self.p50_ms_by_seq_len.items()}),
         }
 
 
-def _stats(samples_s: list[float], *, warmup: int, batch_size: int, threads: int, flush: bool) -> LatencyStats:
+def _stats(samples_s: list[float], *, warmup: int, batch_size: int, threads: int, flush: bool,
+           by_seq_len: dict[int, list[float]] | None = None) -> LatencyStats:
     ms = np.asarray(samples_s, dtype=np.float64) * 1e3
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    by = None if by_seq_len is None else {n: float(np.median(v)) * 1e3 for n, v in sorted(by_seq_len.items())}
     return LatencyStats(float(p50), float(p90), float(p99), float(ms.mean()), len(ms), warmup, batch_size, threads,
-                        flush)
+                        flush, by)
+
+
+Inputs = Any  # one array, or a tuple of arrays (one per model input), batch first
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Inputs that timed calls take in turn (call i runs ``feeds[i % len(feeds)]``), with the
+    sequence length of each: what a sequence model is sent in use, rather than one padded shape.
+    ``by_length`` also reports the median per distinct length (for a stated set of lengths)."""
+
+    feeds: tuple[Inputs, ...]
+    seq_lens: tuple[int, ...]
+    by_length: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.feeds or len(self.feeds) != len(self.seq_lens):
+            raise RuntimeToolError(f"a workload needs one sequence length per feed and at least one feed, got "
+                                   f"{len(self.feeds)} feed(s) and {len(self.seq_lens)} length(s)")
+
+    def summary(self) -> dict[str, Any]:
+        """The lengths the figures were measured at (``metrics.json``'s ``measured_seq_lens``)."""
+        lens = np.asarray(self.seq_lens)
+        return {"feeds": len(lens), "min": int(lens.min()), "p50": float(np.median(lens)),
+                "mean": round(float(lens.mean()), 2), "max": int(lens.max()),
+                "lengths": sorted({int(n) for n in lens}) if self.by_length else None}
+
+    def longest(self) -> Inputs:
+        """The feed with the most tokens (for a peak-memory figure)."""
+        return self.feeds[int(np.argmax(self.seq_lens))]
+
+
+def _parts(x: Inputs) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(v) for v in x) if isinstance(x, (tuple, list)) else (np.asarray(x),)
+
+
+def _check_axes(parts: tuple[np.ndarray, ...], axes: Sequence[int | None]) -> None:
+    if len(axes) != len(parts) or not any(a is not None for a in axes):
+        raise RuntimeToolError(f"sequence axes {tuple(axes)} must name one axis (or None) per input ({len(parts)}) "
+                               "and at least one axis")
+    for part, axis in zip(parts, axes):
+        if axis is not None and not 1 <= axis < part.ndim:
+            raise RuntimeToolError(f"sequence axis {axis} is not a non-batch axis of an input of shape {part.shape}")
+
+
+def _real_lengths(parts: tuple[np.ndarray, ...], axes: Sequence[int | None]) -> np.ndarray:
+    """Per sample, 1 + the last position holding a non-zero value in any input with a sequence
+    axis: trailing zeros (padding ids and a zero attention mask) are padding."""
+    n = len(parts[0])
+    length = np.zeros(n, dtype=np.int64)
+    for part, axis in zip(parts, axes):
+        if axis is None:
+            continue
+        moved = np.moveaxis(part, axis, -1).reshape(n, -1, part.shape[axis])  # (N, rest, T)
+        used = (moved != 0).any(axis=1)  # (N, T)
+        last = np.where(used.any(axis=1), part.shape[axis] - np.argmax(used[:, ::-1], axis=1), 0)
+        length = np.maximum(length, last)
+    return np.maximum(length, 1)
+
+
+def _fit(part: np.ndarray, axis: int | None, length: int) -> np.ndarray:
+    """``part`` cut or zero-padded to ``length`` along ``axis``."""
+    if axis is None:
+        return part
+    have = part.shape[axis]
+    if have >= length:
+        return np.ascontiguousarray(np.take(part, np.arange(length), axis=axis))
+    pad = [(0, 0)] * part.ndim
+    pad[axis] = (0, length - have)
+    return np.pad(part, pad)
+
+
+def _feed(parts: tuple[np.ndarray, ...], axes: Sequence[int | None], rows: slice, length: int,
+          single: bool) -> Inputs:
+    out = tuple(_fit(p[rows], a, length) for p, a in zip(parts, axes))
+    return out[0] if single else out
+
+
+def own_lengths(samples: Inputs, axes: Sequence[int | None], batch_size: int = 1, limit: int | None = None) -> Workload:
+    """Each batch of ``batch_size`` consecutive samples cut to the longest real length among them
+    (batch 1: every sample at its own length, unpadded), for the first ``limit`` samples.
+
+    ``axes`` gives each input's sequence axis (None for an input without one); a sample's real
+    length ends at its last position where any of those inputs is non-zero (right padding with
+    id 0 and attention mask 0, as BERT-style tokenizers pad)."""
+    parts = _parts(samples)
+    _check_axes(parts, axes)
+    n = len(parts[0]) if limit is None else min(limit, len(parts[0]))
+    real = _real_lengths(tuple(p[:n] for p in parts), axes)
+    feeds, lens = [], []
+    for i in range(0, n, batch_size):
+        length = int(real[i:i + batch_size].max())
+        feeds.append(_feed(parts, axes, slice(i, i + batch_size), length, not isinstance(samples, (tuple, list))))
+        lens.append(length)
+    return Workload(tuple(feeds), tuple(lens))
+
+
+def fixed_lengths(samples: Inputs, axes: Sequence[int | None], lengths: Sequence[int], batch_size: int = 1,
+                  limit: int | None = None) -> Workload:
+    """Batches of ``batch_size`` samples (the first ``limit``), each cut or zero-padded to every
+    one of ``lengths`` in turn; the figures are also reported per length."""
+    parts = _parts(samples)
+    _check_axes(parts, axes)
+    n = len(parts[0]) if limit is None else min(limit, len(parts[0]))
+    feeds, lens = [], []
+    for i in range(0, n, batch_size):
+        for length in lengths:
+            feeds.append(_feed(parts, axes, slice(i, i + batch_size), int(length),
+                               not isinstance(samples, (tuple, list))))
+            lens.append(int(length))
+    return Workload(tuple(feeds), tuple(lens), by_length=True)
 
 
 @contextlib.contextmanager
@@ -166,7 +287,7 @@ def benchmark_latency(
 
 def compare_latency(
     models: Mapping[str, onnx.ModelProto | str | Path],
-    inputs: np.ndarray | dict[str, np.ndarray],
+    inputs: np.ndarray | dict[str, np.ndarray] | Workload,
     *,
     threads: int = 1,
     warmup: int = 20,
@@ -178,26 +299,36 @@ def compare_latency(
 
     Measuring model A then model B lets machine drift (thermal throttling, neighbours, turbo)
     masquerade as a speed difference; interleaving ``rounds`` blocks of ``runs // rounds`` calls
-    spreads that drift evenly over all models. ``flush_denormals``: see the module docstring.
+    spreads that drift evenly over all models. With a :class:`Workload` the calls cycle through
+    its feeds, and every model gets the same feeds in the same order (warm-up: ``max(warmup,
+    len(feeds))`` calls cycling through them, so every shape has run once). ``flush_denormals``:
+    see the module docstring.
     """
     _check_counts(warmup, runs)
     if not models:
         raise RuntimeToolError("compare_latency needs at least one model")
+    load = inputs if isinstance(inputs, Workload) else Workload((inputs,), (0,))
     rounds = max(1, min(int(rounds), runs))
     per_round = max(1, runs // rounds)
     sessions = {name: make_session(m, threads=threads, flush_denormals=flush_denormals) for name, m in models.items()}
-    feeds = {name: input_feed(s, inputs) for name, s in sessions.items()}
+    feeds = {name: [input_feed(s, f) for f in load.feeds] for name, s in sessions.items()}
+    n = len(load.feeds)
     samples: dict[str, list[float]] = {name: [] for name in sessions}
+    by_len: dict[str, dict[int, list[float]]] = {name: {} for name in sessions}
     with denormals_flushed(flush_denormals):
         for name, s in sessions.items():
-            _warm(s, feeds[name], warmup, repr(name))
-        for _ in range(rounds):
+            for i in range(max(warmup, n) if n > 1 else 1):  # every feed once (shapes, first-call costs)
+                _warm(s, feeds[name][i % n], warmup if n == 1 else 1, repr(name))
+        for r in range(rounds):
             for name, s in sessions.items():
-                feed = feeds[name]
-                samples[name].extend(_timed(s, feed) for _ in range(per_round))
+                for j in range(per_round):
+                    k = (r * per_round + j) % n
+                    t = _timed(s, feeds[name][k])
+                    samples[name].append(t)
+                    by_len[name].setdefault(load.seq_lens[k], []).append(t)
     return {
-        name: _stats(samples[name], warmup=warmup, batch_size=_batch_size(feeds[name]), threads=threads,
-                     flush=flush_denormals)
+        name: _stats(samples[name], warmup=warmup, batch_size=_batch_size(feeds[name][0]), threads=threads,
+                     flush=flush_denormals, by_seq_len=by_len[name] if load.by_length else None)
         for name in sessions
     }
 
