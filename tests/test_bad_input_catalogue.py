@@ -68,6 +68,15 @@ USER_MODELS = textwrap.dedent("""
 
     def not_a_module():
         return 42
+
+    def rgb2(pretrained=True):
+        return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))  # two classes
+
+    def data_raises():
+        raise FileNotFoundError("my_dataset.h5")
+
+    def data_ragged():
+        return [[1.0, 2.0]], [0, 1, 2]
 """)
 
 
@@ -111,8 +120,32 @@ def workspace(tmp_path, monkeypatch):
     nan_state[first][0] = float("nan")
     save_file(nan_state, tmp_path / "nan.safetensors")
     (tmp_path / "junk.onnx").write_bytes(b"not a protobuf at all")
+    _images(tmp_path)
     (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00garbage")
     return tmp_path
+
+
+def _images(root: Path) -> None:
+    """Image folders: ``imgs/`` (two classes of 8x8 PNGs), one with an undecodable JPEG, one with an
+    empty class folder; labels files without the columns and with a label the model lacks."""
+    from PIL import Image
+
+    for name, value in (("a", 40), ("b", 200)):
+        for k in range(3):
+            for folder in ("imgs", "broken", "empty_class"):
+                (root / folder / name).mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (8, 8), (value, k, 0)).save(root / folder / name / f"{k}.png")
+    (root / "broken" / "b" / "bad.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "empty_class" / "c").mkdir()
+    (root / "no_columns.csv").write_text("filename,class\na/0.png,0\n")
+    (root / "label_range.csv").write_text("file,label\n" + "".join(f"a/{k}.png,{k + 3}\n" for k in range(3))
+                                          + "".join(f"b/{k}.png,1\n" for k in range(3)))
+    (root / "bad.npz").write_bytes(b"not a zip")
+    np.savez(root / "no_y.npz", x=np.zeros((4, 3, 8, 8), np.float32))
+
+
+IMAGE_BASE = {"model": {"factory": "usermodels:rgb2", "pretrained": True},
+              "data": {"images": "imgs", "calibration_samples": 2, "preprocess": {"resize": 8, "crop": 8}}}
 
 
 def recipe_with(**changes) -> dict:
@@ -126,7 +159,7 @@ def recipe_with(**changes) -> dict:
         if value is DROP:
             node.pop(last, None)
         else:
-            node[last] = value
+            node[last] = json.loads(json.dumps(value))  # a copy: later changes leave ``value`` as it is
     return recipe
 
 
@@ -202,6 +235,34 @@ RECIPE_CASES = [
     ("out-under-file", recipe_with(), ["--out", "afile/sub"], "afile"),
     ("out-symlink", recipe_with(), ["--out", "link"], "symbolic link"),
     ("unknown-flag", recipe_with(), ["--frobnicate"], "--frobnicate"),
+    ("images-missing", recipe_with(**IMAGE_BASE, data__images="no_such_images"), [], "no_such_images"),
+    ("image-undecodable", recipe_with(**IMAGE_BASE, data__images="broken", data__calibration_samples=6), [],
+     "bad.jpg: cannot decode image"),
+    ("class-folder-empty", recipe_with(**IMAGE_BASE, data__images="empty_class"), [], "empty_class/c"),
+    ("labels-no-columns", recipe_with(**IMAGE_BASE, data__labels="no_columns.csv"), [],
+     "no_columns.csv:1: missing column(s) file, label"),
+    ("labels-file-missing", recipe_with(**IMAGE_BASE, data__labels="gone.csv"), [], "gone.csv"),
+    ("label-out-of-range", recipe_with(**IMAGE_BASE, data__labels="label_range.csv"), [],
+     "label_range.csv: label 5 is not one of the model's 2 outputs"),
+    ("calibration-takes-all-images", recipe_with(**IMAGE_BASE, data__calibration_samples=6), [], "leaves none"),
+    ("preprocess-crop-over-resize", recipe_with(**IMAGE_BASE, data__preprocess={"resize": 8, "crop": 16}), [],
+     "data.preprocess.crop"),
+    ("preprocess-field", recipe_with(**IMAGE_BASE, data__preprocess={"size": 8}), [], "data.preprocess.size"),
+    ("input-shape-mismatch", recipe_with(**IMAGE_BASE, model__input_shape=[3, 16, 16]), [],
+     "model.input_shape [3, 16, 16] does not fit the data"),
+    ("two-data-sources", recipe_with(**IMAGE_BASE, data__arrays="x.npz"), [], "one data source"),
+    ("npz-not-zip", recipe_with(model=IMAGE_BASE["model"], data={"arrays": "bad.npz"}), [], "bad.npz"),
+    ("npz-without-y", recipe_with(model=IMAGE_BASE["model"], data={"arrays": "no_y.npz"}), [], "no array named 'y'"),
+    ("data-factory-raises", recipe_with(model=IMAGE_BASE["model"], data={"factory": "usermodels:data_raises"}), [],
+     "my_dataset.h5"),
+    ("data-factory-ragged", recipe_with(model=IMAGE_BASE["model"], data={"factory": "usermodels:data_ragged"}), [],
+     "data.factory usermodels:data_ragged"),
+    ("data-factory-missing", recipe_with(model=IMAGE_BASE["model"], data={"factory": "nomodule:load"}), [],
+     "nomodule"),
+    ("vision-model-on-digits", recipe_with(model={"name": "efficientnet_lite1"}), [], "takes RGB images"),
+    ("pretrained-and-train", recipe_with(model={"factory": "usermodels:rgb2", "pretrained": True,
+                                                "train": {"epochs": 1}}), [], "pretrained"),
+    ("metric-list-unknown", recipe_with(metric=["accuracy", "f1"]), [], "'f1'"),
 ]
 
 

@@ -17,7 +17,7 @@ def test_metrics_keep_their_old_import_paths() -> None:
 
     assert task_accuracy is accuracy is edgeslim.accuracy and task_metrics is METRICS
     assert from_pipeline is evaluate_onnx
-    assert sorted(METRICS) == ["accuracy", "cosine"] and METRICS["cosine"] is cosine
+    assert sorted(METRICS) == ["accuracy", "agreement", "cosine", "top5"] and METRICS["cosine"] is cosine
 
 
 def test_accuracy_is_the_top1_fraction() -> None:

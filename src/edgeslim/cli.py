@@ -150,7 +150,8 @@ def list_() -> None:
     console = Console()
     console.print(table)
     console.print("models: " + ", ".join(known_models()))
-    console.print("data sets: " + ", ".join(DATASETS + TEXT_DATASETS))
+    console.print("data sets: " + ", ".join(DATASETS + TEXT_DATASETS)
+                  + "; or data: images: DIR (+ labels: CSV), arrays: FILE.npz, factory: 'module:function'")
 
 
 def _on_signal(signum, frame) -> None:

@@ -21,7 +21,8 @@ from rich.console import Console
 from edgeslim import io, registry
 from edgeslim.config import Checked, TechniqueConfig, check_int
 from edgeslim.errors import ConfigError
-from edgeslim.evaluate.onnx_eval import evaluate_onnx
+from edgeslim.evaluate.metrics import METRICS, VS_BASELINE
+from edgeslim.evaluate.onnx_eval import evaluate_onnx, metric_value, onnx_outputs  # noqa: F401  (evaluate_onnx: old path)
 from edgeslim.runtime.bench import input_memory_limit, machine_info
 from edgeslim.task import ModelArtifact, Task, check_finite
 
@@ -86,6 +87,7 @@ class RunResult:
     machine: dict[str, Any]
     out_dir: Path | None
     seed: int | None = None
+    extra_metrics: tuple[str, ...] = ()  # reported beside metric_name (report columns, metrics.json keys)
 
     def moved_to(self, target: Path) -> None:
         """Point the stages' paths into ``target``, where the run folder now is."""
@@ -101,6 +103,7 @@ class RunResult:
                         "config": s.config, "onnx": s.onnx_path.name if s.onnx_path else None} for s in self.stages],
             "baseline": self.baseline,
             "metric_name": self.metric_name,
+            "extra_metrics": list(self.extra_metrics),
             "runtime": self.runtime,
             "machine": self.machine,
         }
@@ -149,6 +152,12 @@ def _compress(task, steps, runtime, out_dir, baseline_name, recipe, overwrite, s
         raise ConfigError(f"runtime: expected a RuntimeConfig, got {type(runtime).__name__}")
     check_int("seed", seed)
     techniques = [registry.for_config(step) for step in steps]
+    if task.is_graph:
+        for i, tech in enumerate(techniques):
+            if not tech.graph_only:
+                graph_ones = ", ".join(t.name for t in registry.list_techniques() if t.graph_only)
+                raise ConfigError(f"steps[{i}]: {tech.name} needs the PyTorch module; a model given as an ONNX "
+                                  f"graph takes only {graph_ones}")
     _check_batch_fits(task, runtime)
     if isinstance(runtime.seq_lens, tuple) and sequence_axes(task) is None:
         raise ConfigError("runtime.seq_lens: the model has no sequence axis to set (Task.dynamic_dims names none); "
@@ -200,7 +209,9 @@ def _write_run(stage_dir: Path, task, steps, techniques, runtime, baseline_name,
 
 def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, baseline_name: str) -> RunResult:
     stages: list[Stage] = []
-    artifact = ModelArtifact(torch=task.model)
+    artifact = ModelArtifact.of(task.model)
+    labels: np.ndarray | None = None
+    reference: np.ndarray | None = None  # the baseline's outputs: what VS_BASELINE metrics compare with
     plan = [(baseline_name, None, None)] + [(t.name, t, s) for t, s in zip(techniques, steps)]
     for i, (name, tech, step) in enumerate(plan):
         label = f"{i:02d}_{name}"
@@ -209,11 +220,11 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
         if tech is not None:
             artifact = tech.fn(artifact, step, task)
             artifact.files = dict(artifact.files)
-            if artifact.onnx is None:
+            if artifact.onnx is None and artifact.torch is not None:
                 check_finite(artifact.torch, f"after step {name}")
             if artifact.sparsity is not None:
                 artifact.sparsity.check(artifact.torch, name)
-        graph = artifact.onnx if artifact.onnx is not None else task.export(artifact.torch)
+        graph = artifact.deployable(task)
         files, size_file = _stage_files(artifact)
         seconds = time.perf_counter() - t0
         path = stage_dir / label / "model.onnx"
@@ -222,7 +233,13 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
             io.write_bytes(path.parent / fname, content.encode() if isinstance(content, str) else content)
         stage = Stage(label, name if tech else None, step.to_dict() if step else None,
                       stages[-1].name if stages else None, path)
-        stage.metrics = _static_measures(path, graph, task, label)
+        outputs, targets = onnx_outputs(path, task, label)
+        if reference is None:
+            labels, reference = targets, outputs
+            if task.metric_name in VS_BASELINE:  # later steps (budgets, scans) compare with the baseline too
+                task = task.with_targets(reference)
+        stage.metrics = _metric_values(task, outputs, labels, reference, label)
+        stage.metrics.update(_static_measures(path, graph, task))
         stage.metrics["onnx_size_bytes"] = stage.metrics["size_bytes"]
         if size_file is not None:
             if size_file not in files:
@@ -231,13 +248,15 @@ def _run(task, steps, techniques, runtime: RuntimeConfig, stage_dir: Path, basel
             stage.metrics["size_file"] = size_file
         stage.metrics["step_seconds"] = round(seconds, 3)
         stage.metrics.update({f"note_{k}": v for k, v in artifact.notes.items()})
-        console.print(f"  {task.metric_name} {stage.metrics[task.metric_name]:.4f}  size {stage.metrics['size_bytes']:,} B")
+        shown = "  ".join(f"{m} {stage.metrics[m]:.4f}" for m in (task.metric_name, *task.extra_metrics))
+        console.print(f"  {shown}  size {stage.metrics['size_bytes']:,} B")
         stages.append(stage)
     measured = _measure_latency(stages, task, runtime)
     _relative(stages, task.metric_name)
     rt = {**vars(runtime), "measured_seq_lens": measured, "provider": "CPUExecutionProvider",
           "onnxruntime": ort.__version__}
-    return RunResult(stages, stages[0].name, task.metric_name, rt, machine_info(), stage_dir)
+    return RunResult(stages, stages[0].name, task.metric_name, rt, machine_info(), stage_dir,
+                     extra_metrics=task.extra_metrics)
 
 
 def _stage_files(artifact: ModelArtifact) -> tuple[dict[str, str | bytes], str | None]:
@@ -256,15 +275,22 @@ def _stage_files(artifact: ModelArtifact) -> tuple[dict[str, str | bytes], str |
     return files, size_file
 
 
-def _static_measures(path: Path, graph: onnx.ModelProto, task: Task, stage: str) -> dict[str, Any]:
+def _metric_values(task: Task, outputs: np.ndarray, labels: np.ndarray | None, reference: np.ndarray,
+                   stage: str) -> dict[str, Any]:
+    """The task's metric and its extra metrics of one stage's outputs: those in VS_BASELINE against
+    the baseline stage's outputs on the same samples, the others against the data's targets."""
+    value = metric_value(task.metric, task.metric_name, outputs, reference if task.metric_name in VS_BASELINE
+                         else labels, stage)
+    extra = {name: metric_value(METRICS[name], name, outputs, reference if name in VS_BASELINE else labels, stage)
+             for name in task.extra_metrics}
+    return {"metric_name": task.metric_name, "metric": value, task.metric_name: value, **extra}
+
+
+def _static_measures(path: Path, graph: onnx.ModelProto, task: Task) -> dict[str, Any]:
     from edgeslim.runtime import count_params, inspect_optimized, size_bytes
 
-    value = evaluate_onnx(path, task, stage)
     report = inspect_optimized(path)
     return {
-        "metric_name": task.metric_name,
-        "metric": value,
-        task.metric_name: value,
         "size_bytes": size_bytes(path),
         "params": count_params(graph),
         "macs": _macs(graph, task),

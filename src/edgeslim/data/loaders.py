@@ -1,5 +1,5 @@
-"""Readers for data sets the user downloads: IDX (MNIST, Fashion-MNIST) and CIFAR-10 (binary or
-python pickles), plus the ``load_dataset`` dispatcher.
+"""Readers for data sets the user downloads: IDX (MNIST, Fashion-MNIST), CIFAR-10 (binary or
+python pickles) and numpy ``.npz`` arrays, plus the ``load_dataset`` dispatcher.
 
 CIFAR-10 pickles are read with a restricted unpickler so a tampered file cannot run code.
 """
@@ -229,6 +229,46 @@ def load_cifar10(directory: str | Path, normalize: bool = True) -> Split:
     x_tr, y_tr = to_float([reader(p) for p in train_files], "train")
     x_te, y_te = to_float([reader(test_file)], "test")
     return Split(x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te, name="cifar10")
+
+
+# ------------------------------------------------------------------------------ numpy arrays
+def check_arrays(x: Any, y: Any, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as model inputs (float64 becomes float32) and int64 labels: one sample per row of
+    both, finite inputs; DataError naming ``where`` otherwise."""
+    try:
+        x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
+        y = np.asarray(y.detach().cpu() if hasattr(y, "detach") else y)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{where}: x and y must be arrays ({exc})") from None
+    if x.dtype == object or x.ndim < 2 or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise DataError(f"{where}: x must be a numeric array (N, ...), got dtype {x.dtype}, shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{where}: y must be {len(x)} integer labels (N,), got dtype {y.dtype}, shape {y.shape}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise DataError(f"{where}: x holds NaN/Inf values")
+    if len(y) and y.min() < 0:
+        raise DataError(f"{where}: y holds a negative label ({int(y.min())})")
+    return (x.astype(np.float32) if x.dtype == np.float64 else x), y.astype(np.int64)
+
+
+def load_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` (model inputs, one sample per row) and ``y`` (integer labels) from a ``.npz`` file,
+    read without pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"arrays file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x", "y") if k not in npz.files]
+            if missing:
+                raise DataError(f"{path}: no array named {missing[0]!r} (has {', '.join(npz.files) or 'none'}; "
+                                "save with np.savez(path, x=inputs, y=labels))")
+            x, y = npz["x"], npz["y"]
+    except DataError:
+        raise
+    except Exception as exc:  # not a zip, a truncated member, an object array (needs pickle)
+        raise DataError(f"{path}: cannot read as .npz ({type(exc).__name__}: {exc})") from None
+    return check_arrays(x, y, str(path))
 
 
 # ---------------------------------------------------------------------------------- dispatcher

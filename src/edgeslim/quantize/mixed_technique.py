@@ -50,16 +50,15 @@ class MixedPrecisionConfig(TechniqueConfig):
             raise ConfigError(f"validation_samples: must be >= 1, got {self.validation_samples}")
 
 
-@register("mixed_precision", MixedPrecisionConfig)
+@register("mixed_precision", MixedPrecisionConfig, graph_only=True)
 def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Task) -> ModelArtifact:
     """Accuracy-aware int8: all-int8 if it meets the budget, else per-layer sensitivity on a
     held-out validation split, then the fewest raised layers within the budget."""
-    module = model.float_copy("mixed_precision")
     ptq = config.ptq
     dtype = resolve_activation_dtype(ptq.activation_dtype)
     held = hold_out(task, config.validation_samples, ptq.calibration_samples, config.seed, ptq.batch_size)
     batches = held.calibration
-    folded = prepare_float(task.export(module), batches, ptq)
+    folded = prepare_float(model.float_graph("mixed_precision", task), batches, ptq)
     # ``fixed``: per-token by the user's choice (ptq.per_token), not searched
     full, fixed = plan_per_token(folded, ptq.per_token, exclude=ptq.exclude, op_types=ptq.op_types or None,
                                  activation_matmuls=ptq.activation_matmuls)
@@ -97,4 +96,4 @@ def mixed_precision(model: ModelArtifact, config: MixedPrecisionConfig, task: Ta
              "budget_met": choice.met, "search_metric": choice.score, "validation_samples": ev.samples,
              "calibration_samples": sum(batch_len(b) for b in batches), "layers_scanned": choice.scanned,
              "warnings": choice.warnings}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes, files=files)
+    return ModelArtifact(torch=model.torch, onnx=graph, notes=notes, files=files)

@@ -100,11 +100,10 @@ class PTQInt8Config(TechniqueConfig):
         return observer_spec(self.observer, self.percentile)
 
 
-@register("ptq_int8", PTQInt8Config)
+@register("ptq_int8", PTQInt8Config, graph_only=True)
 def ptq_int8(model: ModelArtifact, config: PTQInt8Config, task: Task) -> ModelArtifact:
     """Static int8 post-training quantization, lowered to integer kernels (QDQ)."""
-    module = model.float_copy("ptq_int8")
-    fp32 = task.export(module)
+    fp32 = model.float_graph("ptq_int8", task)
     total = min(config.calibration_samples, count_samples(task.calibration))
     batches = [x for x, _ in task.calibration_batches(config.batch_size, limit=config.calibration_samples)]
     # Prepare (fold, equalize) once, so the parity report compares against the float graph that
@@ -118,5 +117,5 @@ def ptq_int8(model: ModelArtifact, config: PTQInt8Config, task: Task) -> ModelAr
     first = layers.first_divergent
     notes = {"calibration_samples": total, "activation_dtype": resolve_activation_dtype(config.activation_dtype),
              "integer_parity_max_abs_diff": parity, "parity_first_divergent": None if first is None else first.tensor}
-    return ModelArtifact(torch=module, onnx=qdq, notes=notes, files={"parity.md": layers.to_markdown()})
+    return ModelArtifact(torch=model.torch, onnx=qdq, notes=notes, files={"parity.md": layers.to_markdown()})
 

@@ -61,11 +61,10 @@ class WeightOnlyConfig(TechniqueConfig):
                               f"got {self.accuracy_level}")
 
 
-@register("weight_only", WeightOnlyConfig)
+@register("weight_only", WeightOnlyConfig, graph_only=True)
 def weight_only(model: ModelArtifact, config: WeightOnlyConfig, task: Task) -> ModelArtifact:
     """Weight-only group-wise int4/int8 quantization of Linear layers (ORT MatMulNBits)."""
-    module = model.float_copy("weight_only")
-    fp32 = task.export(module)
+    fp32 = model.float_graph("weight_only", task)
     files: dict[str, str | bytes] = {}
     if config.max_drop is not None:
         config, files = budgeted_bits(fp32, config, task)
@@ -74,4 +73,4 @@ def weight_only(model: ModelArtifact, config: WeightOnlyConfig, task: Task) -> M
     widths = [next(a.i for a in n.attribute if a.name == "bits") for n in nbits]
     notes = {"quantized_layers": len(nbits), "bits": config.bits, "group_size": config.group_size,
              "layers_at_bits": {str(b): widths.count(b) for b in sorted(set(widths))}}
-    return ModelArtifact(torch=module, onnx=graph, notes=notes, files=files)
+    return ModelArtifact(torch=model.torch, onnx=graph, notes=notes, files=files)

@@ -45,7 +45,8 @@ TERMINAL_KEYS = ("name", "metric", "metric_delta", "size_bytes", "size_ratio_vs_
 
 
 def _rows(result, keys: tuple[str, ...] | None = None) -> tuple[list[str], list[list[str]]]:
-    columns = [c for c in COLUMNS if keys is None or c[1] in keys]
+    extra = [(name, name, "{:.4f}") for name in result.extra_metrics]  # beside the metric
+    columns = [c for c in COLUMNS[:3] + extra + COLUMNS[3:] if keys is None or c[1] in keys or c in extra]
     headers = [h.format(metric=result.metric_name) for h, _, _ in columns]
     rows = []
     for s in result.stages:
