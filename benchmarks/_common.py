@@ -70,3 +70,25 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
     return str(v)
+
+
+def build_graphs(methods: dict[str, Callable[[], Any]], prefix: str) -> tuple[dict[str, Path], dict[str, float]]:
+    """Build each method's ONNX graph (a function returning a ModelProto, or None when its tool is
+    not installed), timed, and save it in a fresh temporary folder; the paths and the seconds."""
+    import tempfile
+
+    import onnx
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}."))
+    paths, seconds = {}, {}
+    for name, build in methods.items():
+        t0 = time.perf_counter()
+        graph = build()
+        seconds[name] = time.perf_counter() - t0
+        if graph is None:
+            print(f"  {name}: not available here, skipped")
+            continue
+        paths[name] = tmp / f"{name}.onnx"
+        onnx.save(graph, paths[name])
+        print(f"  built {name} in {seconds[name]:.1f} s", flush=True)
+    return paths, seconds

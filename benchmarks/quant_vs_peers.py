@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,7 @@ import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, run_sections  # noqa: E402
+from _common import build_graphs, parser, run_sections  # noqa: E402
 from _peers import nncf_quantize, ort_quantize_dynamic, ort_quantize_static  # noqa: E402
 
 from edgeslim.qat import QATConfig, qat_int8  # noqa: E402
@@ -102,18 +101,7 @@ def measure(model_name: str, task: Task, methods: dict[str, Method], runs: int, 
     """Build every method's graph (timed), then score, size, inspect and time them side by side;
     with ``flushed_too`` also time them all again with denormals flushed to zero (``*_ftz`` keys);
     with ``real_lengths`` also at the sentences' own lengths and at STATED_LENGTHS (sequence models)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f"qvp.{model_name}."))
-    paths, seconds = {}, {}
-    for name, build in methods.items():
-        t0 = time.perf_counter()
-        graph = build()
-        seconds[name] = time.perf_counter() - t0
-        if graph is None:
-            print(f"  {name}: not available here, skipped")
-            continue
-        paths[name] = tmp / f"{name}.onnx"
-        onnx.save(graph, paths[name])
-        print(f"  built {name} in {seconds[name]:.1f} s")
+    paths, seconds = build_graphs(methods, f"qvp.{model_name}")
     x = tuple(t.numpy() for t in task.example_inputs)
     lat = compare_latency(paths, x if len(x) > 1 else x[0], threads=1, warmup=10, runs=runs, rounds=5)
     ftz = (compare_latency(paths, x if len(x) > 1 else x[0], threads=1, warmup=10, runs=runs, rounds=5,

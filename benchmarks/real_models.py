@@ -23,8 +23,6 @@ latency_vs_ortq <= 1.0, calibration <= 60 s.
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +30,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import parser, run_sections  # noqa: E402
+from _common import build_graphs, parser, run_sections  # noqa: E402
 from _peers import nncf_quantize, ort_quantize_static  # noqa: E402
 
 from edgeslim.evaluate import agreement  # noqa: E402
@@ -75,18 +73,7 @@ def model_rows(name: str, args) -> list[dict[str, Any]]:
         "ort_quantize_static": lambda: ort_quantize_static(fp32, calib),
         "nncf_quantize": lambda: nncf_quantize(fp32, calib),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f"real.{name}."))
-    paths, seconds = {}, {}
-    for method, build in methods.items():
-        t0 = time.perf_counter()
-        graph = build()
-        seconds[method] = time.perf_counter() - t0
-        if graph is None:
-            print(f"  {method}: not installed here, skipped")
-            continue
-        paths[method] = tmp / f"{method}.onnx"
-        onnx.save(graph, paths[method])
-        print(f"  built {method} in {seconds[method]:.1f} s", flush=True)
+    paths, seconds = build_graphs(methods, f"real.{name}")
     x = task.example_inputs[0].numpy()
     lat = compare_latency(paths, x, threads=1, warmup=10, runs=60 if args.quick else 200, rounds=5)
     reference, labels = _outputs(paths["fp32"], task)

@@ -83,7 +83,7 @@ def test_scored_pairs_round_trip(tmp_path: Path) -> None:
         ("sentence1,sentence2,score\na,b\n", r"bad\.csv:2: row has fewer cells"),
         ("sentence1,sentence2,score\n,b,1\n", r"bad\.csv:2: empty sentence"),
         ("sentence1,sentence2,score\n", r"bad\.csv: no data rows"),
-        ("", r"bad\.csv: empty file"),
+        ("", r"bad\.csv:1: missing column\(s\) sentence1, sentence2, score .*header is empty"),
     ],
 )
 def test_scored_pairs_bad_files(tmp_path: Path, content: str, pattern: str) -> None:

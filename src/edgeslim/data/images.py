@@ -16,7 +16,6 @@ order, so the result is the same bytes for the same files and settings.
 
 from __future__ import annotations
 
-import csv
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import numpy as np
 
 from edgeslim.config import Partial
 from edgeslim.data.bundled import Split, split_indices
+from edgeslim.data.csv_rows import csv_rows
 from edgeslim.errors import ConfigError, DataError, first_line
 
 __all__ = ["IMAGENET", "IMAGE_SUFFIXES", "LABEL_COLUMNS", "Preprocess", "class_folders", "image_split", "labels_file",
@@ -120,33 +120,17 @@ def labels_file(path: str | Path, images: str | Path) -> tuple[list[Path], np.nd
     _readable_dir(images, "image folder")
     files: list[Path] = []
     labels: list[int] = []
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a spreadsheet's BOM
-            reader = csv.DictReader(fh)
-            header = [c.strip() for c in reader.fieldnames or []]
-            missing = [c for c in LABEL_COLUMNS if c not in header]
-            if missing:
-                raise DataError(f"{path}:1: missing column(s) {', '.join(missing)} (needs {','.join(LABEL_COLUMNS)}); "
-                                f"header is {','.join(header) or 'empty'}")
-            reader.fieldnames = header
-            for row in reader:
-                name, raw = (row.get(c) for c in LABEL_COLUMNS)
-                if name is None or raw is None or not name.strip():
-                    raise DataError(f"{path}:{reader.line_num}: row has no file or label")
-                try:
-                    label = int(raw)
-                except ValueError:
-                    raise DataError(f"{path}:{reader.line_num}: label {raw.strip()!r} is not an integer") from None
-                if label < 0:
-                    raise DataError(f"{path}:{reader.line_num}: label {label} is negative")
-                files.append(images / name.strip())
-                labels.append(label)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from None
-    if not files:
-        raise DataError(f"{path}: no rows after the header")
+    for line, (name, raw) in csv_rows(path, LABEL_COLUMNS):
+        if name is None or raw is None or not name.strip():
+            raise DataError(f"{path}:{line}: row has no file or label")
+        try:
+            label = int(raw)
+        except ValueError:
+            raise DataError(f"{path}:{line}: label {raw.strip()!r} is not an integer") from None
+        if label < 0:
+            raise DataError(f"{path}:{line}: label {label} is negative")
+        files.append(images / name.strip())
+        labels.append(label)
     return files, np.asarray(labels, dtype=np.int64)
 
 

@@ -8,7 +8,6 @@ by Spearman correlation against human similarity judgements.
 
 from __future__ import annotations
 
-import csv
 import math
 from importlib import resources
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from edgeslim.data.csv_rows import csv_rows
 from edgeslim.errors import ConfigError, DataError
 
 __all__ = ["PAIR_COLUMNS", "load_scored_pairs", "load_sentences", "tokenize"]
@@ -71,38 +71,18 @@ def load_scored_pairs(path: str | Path) -> tuple[list[str], list[str], np.ndarra
     s1: list[str] = []
     s2: list[str] = []
     scores: list[float] = []
-    try:
-        # utf-8-sig: spreadsheets often prepend a BOM, which would otherwise corrupt the first column name.
-        with path.open(newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None:
-                raise DataError(f"{path}: empty file, expected a header {','.join(PAIR_COLUMNS)}")
-            reader.fieldnames = [name.strip() for name in reader.fieldnames]
-            missing = [c for c in PAIR_COLUMNS if c not in reader.fieldnames]
-            if missing:
-                raise DataError(
-                    f"{path}:1: missing column(s) {', '.join(missing)}; header is {','.join(reader.fieldnames)}"
-                )
-            for row in reader:
-                line = reader.line_num  # the physical line that ended this row (quoted cells may span lines)
-                a, b, raw = (row.get(c) for c in PAIR_COLUMNS)
-                if a is None or b is None or raw is None:
-                    raise DataError(f"{path}:{line}: row has fewer cells than the header")
-                try:
-                    score = float(raw)
-                except ValueError:
-                    raise DataError(f"{path}:{line}: score {raw.strip()!r} is not a number") from None
-                if not math.isfinite(score):
-                    raise DataError(f"{path}:{line}: score {raw.strip()!r} is not finite")
-                if not a.strip() or not b.strip():
-                    raise DataError(f"{path}:{line}: empty sentence")
-                s1.append(a.strip())
-                s2.append(b.strip())
-                scores.append(score)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed CSV ({exc})") from None
-    if not scores:
-        raise DataError(f"{path}: no data rows after the header")
+    for line, (a, b, raw) in csv_rows(path, PAIR_COLUMNS):
+        if a is None or b is None or raw is None:
+            raise DataError(f"{path}:{line}: row has fewer cells than the header")
+        try:
+            score = float(raw)
+        except ValueError:
+            raise DataError(f"{path}:{line}: score {raw.strip()!r} is not a number") from None
+        if not math.isfinite(score):
+            raise DataError(f"{path}:{line}: score {raw.strip()!r} is not finite")
+        if not a.strip() or not b.strip():
+            raise DataError(f"{path}:{line}: empty sentence")
+        s1.append(a.strip())
+        s2.append(b.strip())
+        scores.append(score)
     return s1, s2, np.asarray(scores, dtype=np.float64)
